@@ -1,0 +1,445 @@
+//! Options for a broker, a subscription and a publish, as Go Micro's `broker.Options`,
+//! `SubscribeOptions` and `PublishOptions`.
+//!
+//! Every option is either honoured by a backend or rejected with an
+//! [`Unsupported`](crate::ErrorKind::Unsupported) error: see [`Capabilities`](crate::Capabilities).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::message::Headers;
+
+/// The environment variable naming the backend, as in Go Micro.
+pub const ENV_BROKER: &str = "MICRO_BROKER";
+/// The environment variable with comma-separated addresses, as in Go Micro.
+pub const ENV_BROKER_ADDRESS: &str = "MICRO_BROKER_ADDRESS";
+
+/// TLS settings. A backend that speaks TLS honours them; one that cannot rejects them at `connect()`.
+#[derive(Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TlsOptions {
+    /// PEM file of the certificate authorities to trust; the system roots when `None`.
+    pub ca_file: Option<PathBuf>,
+    /// PEM file of the client certificate, for mutual TLS.
+    pub cert_file: Option<PathBuf>,
+    /// PEM file of the client's private key, for mutual TLS.
+    pub key_file: Option<PathBuf>,
+    /// Skip verifying the server certificate (tests only).
+    pub insecure_skip_verify: bool,
+}
+
+impl TlsOptions {
+    /// TLS with the system's roots and no client certificate.
+    pub fn new() -> Self {
+        TlsOptions::default()
+    }
+
+    /// Trusts the authorities in `path` (PEM).
+    pub fn with_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ca_file = Some(path.into());
+        self
+    }
+
+    /// Presents the client certificate and key in `cert` and `key` (PEM).
+    pub fn with_client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.cert_file = Some(cert.into());
+        self.key_file = Some(key.into());
+        self
+    }
+
+    /// Skips verification of the server's certificate.
+    pub fn with_insecure_skip_verify(mut self, skip: bool) -> Self {
+        self.insecure_skip_verify = skip;
+        self
+    }
+}
+
+impl fmt::Debug for TlsOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The key file path is not secret, but keep Debug uniform with other secret-bearing options.
+        f.debug_struct("TlsOptions")
+            .field("ca_file", &self.ca_file)
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file.as_ref().map(|_| "<set>"))
+            .field("insecure_skip_verify", &self.insecure_skip_verify)
+            .finish()
+    }
+}
+
+/// Options of a broker: where it connects, how long it waits, TLS, and backend-specific parameters.
+///
+/// ```
+/// use std::time::Duration;
+/// use broker_core::BrokerOptions;
+/// let opts = BrokerOptions::new()
+///     .with_addresses(["nats://127.0.0.1:4222"])
+///     .with_connect_timeout(Duration::from_secs(2));
+/// assert_eq!(opts.addresses, vec!["nats://127.0.0.1:4222".to_string()]);
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BrokerOptions {
+    /// Server addresses (or, for peer-to-peer backends, the address to listen on). Empty: the backend's default.
+    pub addresses: Vec<String>,
+    /// How long `connect()` may take.
+    pub connect_timeout: Duration,
+    /// How long a `publish()` may wait (for the server, or for room in a full buffer) before it fails with `Timeout`.
+    pub publish_timeout: Duration,
+    /// How long `disconnect()` and `unsubscribe()` wait for in-flight and buffered messages to be handled.
+    pub drain_timeout: Duration,
+    /// TLS settings; `None` for plain connections.
+    pub tls: Option<TlsOptions>,
+    /// Backend-specific settings (for example `jetstream=true`). A backend rejects keys it does not know.
+    pub params: BTreeMap<String, String>,
+}
+
+impl Default for BrokerOptions {
+    fn default() -> Self {
+        BrokerOptions {
+            addresses: Vec::new(),
+            connect_timeout: Duration::from_secs(10),
+            publish_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(30),
+            tls: None,
+            params: BTreeMap::new(),
+        }
+    }
+}
+
+impl fmt::Debug for BrokerOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Addresses may carry credentials (amqp://user:password@host): never print them.
+        let addresses: Vec<String> = self.addresses.iter().map(|a| redact_credentials(a)).collect();
+        f.debug_struct("BrokerOptions")
+            .field("addresses", &addresses)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("publish_timeout", &self.publish_timeout)
+            .field("drain_timeout", &self.drain_timeout)
+            .field("tls", &self.tls)
+            .field("params", &self.params.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// Replaces the password of a `scheme://user:password@host` address with `***`.
+pub fn redact_credentials(address: &str) -> String {
+    let Some(scheme_end) = address.find("://") else { return address.to_string() };
+    let rest = &address[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else { return address.to_string() };
+    let user_info = &rest[..at];
+    let user = user_info.split(':').next().unwrap_or("");
+    let shown = if user_info.contains(':') { format!("{user}:***") } else { "***".to_string() };
+    format!("{}{}@{}", &address[..scheme_end + 3], shown, &rest[at + 1..])
+}
+
+impl BrokerOptions {
+    /// The defaults: no addresses (the backend's own default), 10 s connect and publish timeouts, 30 s drain.
+    pub fn new() -> Self {
+        BrokerOptions::default()
+    }
+
+    /// Reads `MICRO_BROKER_ADDRESS` (comma-separated) from the process environment.
+    pub fn from_env() -> Self {
+        Self::from_lookup(|key| std::env::var(key).ok())
+    }
+
+    /// Like [`from_env`](Self::from_env) with a custom variable lookup (for tests and embedding).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Self {
+        let addresses = lookup(ENV_BROKER_ADDRESS).map(|v| parse_addresses(&v)).unwrap_or_default();
+        BrokerOptions { addresses, ..BrokerOptions::default() }
+    }
+
+    /// Sets the addresses.
+    pub fn with_addresses<I, S>(mut self, addresses: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.addresses = addresses.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets the connect timeout.
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Sets the publish timeout.
+    pub fn with_publish_timeout(mut self, timeout: Duration) -> Self {
+        self.publish_timeout = timeout;
+        self
+    }
+
+    /// Sets the drain timeout of `disconnect()` and `unsubscribe()`.
+    pub fn with_drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
+        self
+    }
+
+    /// Sets TLS options.
+    pub fn with_tls(mut self, tls: TlsOptions) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Sets one backend-specific parameter.
+    pub fn with_param(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.params.insert(key.into(), value.into());
+        self
+    }
+
+    /// Checks the values every backend relies on: non-zero timeouts and non-empty addresses.
+    pub fn validate(&self) -> Result<()> {
+        for (name, value) in [
+            ("connect_timeout", self.connect_timeout),
+            ("publish_timeout", self.publish_timeout),
+            ("drain_timeout", self.drain_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(Error::invalid_input(format!("{name} must be greater than zero")));
+            }
+        }
+        if self.addresses.iter().any(|a| a.trim().is_empty()) {
+            return Err(Error::invalid_input("an address in the address list is empty"));
+        }
+        Ok(())
+    }
+}
+
+/// Splits a comma-separated address list, trimming blanks and dropping empty entries.
+///
+/// ```
+/// assert_eq!(broker_core::parse_addresses(" a:1, ,b:2,"), vec!["a:1", "b:2"]);
+/// ```
+pub fn parse_addresses(value: &str) -> Vec<String> {
+    value.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
+}
+
+/// Options of one subscription.
+///
+/// ```
+/// use broker_core::SubscribeOptions;
+/// let opts = SubscribeOptions::new().with_queue("emails").with_concurrency(8);
+/// assert_eq!(opts.queue.as_deref(), Some("emails"));
+/// assert!(opts.auto_ack);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SubscribeOptions {
+    /// The queue group: each message goes to one member of the group. `None` is broadcast:
+    /// every subscriber gets every message.
+    pub queue: Option<String>,
+    /// Ack when the handler returns `Ok`, nack when it returns `Err` (default `true`). When `false`
+    /// the handler acks or nacks through the [`Event`](crate::Event).
+    pub auto_ack: bool,
+    /// How many handlers of this subscription may run at once (default 1, which keeps order).
+    pub concurrency: usize,
+    /// How many times a nacked message is delivered again before it is dead-lettered to
+    /// `<topic>.dlq`; `None` is the backend's default.
+    pub max_redeliveries: Option<u32>,
+    /// How many messages may wait in this subscription's buffer, where the backend has one.
+    /// `None` is the backend's default.
+    pub buffer_size: Option<usize>,
+}
+
+impl Default for SubscribeOptions {
+    fn default() -> Self {
+        SubscribeOptions { queue: None, auto_ack: true, concurrency: 1, max_redeliveries: None, buffer_size: None }
+    }
+}
+
+impl SubscribeOptions {
+    /// Broadcast, auto-ack, one handler at a time.
+    pub fn new() -> Self {
+        SubscribeOptions::default()
+    }
+
+    /// Joins queue group `queue`; an empty name means broadcast, as in Go Micro.
+    pub fn with_queue(mut self, queue: impl Into<String>) -> Self {
+        let queue = queue.into();
+        self.queue = if queue.is_empty() { None } else { Some(queue) };
+        self
+    }
+
+    /// Turns auto-ack on or off.
+    pub fn with_auto_ack(mut self, auto_ack: bool) -> Self {
+        self.auto_ack = auto_ack;
+        self
+    }
+
+    /// Sets the number of handlers that may run at once.
+    pub fn with_concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = concurrency;
+        self
+    }
+
+    /// Sets how many redeliveries a nacked message gets before it is dead-lettered.
+    pub fn with_max_redeliveries(mut self, max: u32) -> Self {
+        self.max_redeliveries = Some(max);
+        self
+    }
+
+    /// Sets the subscription's buffer size.
+    pub fn with_buffer_size(mut self, size: usize) -> Self {
+        self.buffer_size = Some(size);
+        self
+    }
+
+    /// Checks what holds for every backend: a non-zero concurrency and buffer, a queue name without blanks.
+    pub fn validate(&self) -> Result<()> {
+        if self.concurrency == 0 {
+            return Err(Error::invalid_input("concurrency must be at least 1"));
+        }
+        if self.buffer_size == Some(0) {
+            return Err(Error::invalid_input("buffer_size must be at least 1"));
+        }
+        if let Some(queue) = &self.queue {
+            if queue.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(Error::invalid_input(format!(
+                    "queue group name {queue:?} must not contain whitespace or control characters"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Options of one publish.
+///
+/// ```
+/// use broker_core::PublishOptions;
+/// let opts = PublishOptions::new().with_header("trace", "abc").with_ordering_key("user-42");
+/// assert_eq!(opts.ordering_key.as_deref(), Some("user-42"));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PublishOptions {
+    /// Headers added to the message's own (they win over the message's on a clash).
+    pub headers: Headers,
+    /// Messages with the same key are delivered in publish order (Kafka key, SQS group id, ...).
+    pub ordering_key: Option<String>,
+    /// Deliver no earlier than this long after the publish.
+    pub delay: Option<Duration>,
+}
+
+impl PublishOptions {
+    /// No extra headers, no key, no delay.
+    pub fn new() -> Self {
+        PublishOptions::default()
+    }
+
+    /// Adds one header.
+    pub fn with_header(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(key.into(), value.into());
+        self
+    }
+
+    /// Sets the ordering key.
+    pub fn with_ordering_key(mut self, key: impl Into<String>) -> Self {
+        self.ordering_key = Some(key.into());
+        self
+    }
+
+    /// Asks for delayed delivery.
+    pub fn with_delay(mut self, delay: Duration) -> Self {
+        self.delay = Some(delay);
+        self
+    }
+}
+
+/// Checks a topic name as every backend needs it: non-empty, at most 255 bytes, no whitespace or
+/// control characters, and no wildcard characters (`*`, `>`, `#`) that some servers would interpret.
+pub fn validate_topic(topic: &str) -> Result<()> {
+    const MAX: usize = 255;
+    if topic.is_empty() {
+        return Err(Error::invalid_input("topic must not be empty"));
+    }
+    if topic.len() > MAX {
+        return Err(Error::invalid_input(format!("topic is {} bytes long; at most {MAX} are allowed", topic.len())));
+    }
+    if let Some(c) = topic.chars().find(|c| c.is_whitespace() || c.is_control()) {
+        return Err(Error::invalid_input(format!(
+            "topic {topic:?} contains {c:?}: whitespace and control characters are not allowed"
+        )));
+    }
+    if let Some(c) = topic.chars().find(|c| matches!(c, '*' | '>' | '#')) {
+        return Err(Error::invalid_input(format!(
+            "topic {topic:?} contains the wildcard {c:?}: publish and subscribe to concrete topics"
+        )));
+    }
+    if topic.starts_with('.') || topic.ends_with('.') || topic.contains("..") {
+        return Err(Error::invalid_input(format!("topic {topic:?} has an empty segment between dots")));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+
+    #[test]
+    fn address_list_from_env() {
+        let opts = BrokerOptions::from_lookup(|k| {
+            (k == ENV_BROKER_ADDRESS).then(|| "nats://a:4222, nats://b:4222,,  ".to_string())
+        });
+        assert_eq!(opts.addresses, vec!["nats://a:4222", "nats://b:4222"]);
+        assert!(BrokerOptions::from_lookup(|_| None).addresses.is_empty());
+        assert!(BrokerOptions::from_lookup(|_| Some("  ".into())).addresses.is_empty());
+    }
+
+    #[test]
+    fn defaults_are_sane() {
+        let s = SubscribeOptions::default();
+        assert!(s.auto_ack);
+        assert_eq!(s.concurrency, 1);
+        assert_eq!(s.queue, None);
+        assert!(s.validate().is_ok());
+        assert!(BrokerOptions::default().validate().is_ok());
+    }
+
+    #[test]
+    fn empty_queue_is_broadcast() {
+        assert_eq!(SubscribeOptions::new().with_queue("").queue, None);
+        assert_eq!(SubscribeOptions::new().with_queue("g").queue.as_deref(), Some("g"));
+    }
+
+    #[test]
+    fn invalid_options_are_rejected() {
+        let err = SubscribeOptions::new().with_concurrency(0).validate().unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidInput);
+        assert!(err.to_string().contains("concurrency"));
+        assert!(SubscribeOptions::new().with_buffer_size(0).validate().is_err());
+        assert!(SubscribeOptions::new().with_queue("a b").validate().is_err());
+        assert!(BrokerOptions::new().with_connect_timeout(Duration::ZERO).validate().is_err());
+        assert!(BrokerOptions::new().with_addresses(["a", " "]).validate().is_err());
+    }
+
+    #[test]
+    fn topics() {
+        for good in ["user.registered", "a", "orders-v2", "é.ü", &"x".repeat(255)] {
+            assert!(validate_topic(good).is_ok(), "{good}");
+        }
+        for bad in ["", " ", "a b", "a\n", "a.*", "a.>", "#", ".a", "a.", "a..b", &"x".repeat(256)] {
+            let err = validate_topic(bad).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidInput, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn debug_hides_credentials() {
+        let opts = BrokerOptions::new()
+            .with_addresses(["amqp://guest:secret@127.0.0.1:5672/%2f"])
+            .with_param("token", "s3cr3t");
+        let text = format!("{opts:?}");
+        assert!(!text.contains("secret") && !text.contains("s3cr3t"), "{text}");
+        assert!(text.contains("amqp://guest:***@127.0.0.1:5672/%2f"), "{text}");
+        assert_eq!(redact_credentials("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        assert_eq!(redact_credentials("redis://tok@h/0"), "redis://***@h/0");
+    }
+}
