@@ -90,6 +90,11 @@ pub trait Subscriber: Send + Sync + fmt::Debug {
     fn topic(&self) -> &str;
     /// The options the subscription was made with.
     fn options(&self) -> &SubscribeOptions;
+    /// The identity the subscription has on the backend, where it has one (the HTTP backend's
+    /// registry node id), for logs and diagnostics.
+    fn id(&self) -> Option<&str> {
+        None
+    }
     /// Stops delivery and waits for the handlers that are running to finish. Calling it again
     /// does nothing.
     async fn unsubscribe(&self) -> Result<()>;

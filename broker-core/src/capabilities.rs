@@ -22,6 +22,10 @@ pub struct Capabilities {
     pub queue_groups: bool,
     /// Messages are kept: a subscriber that arrives later still reads messages published before it.
     pub persistence: bool,
+    /// A message published while its topic has no subscriber waits (in a bounded buffer of the
+    /// publisher) and goes to the first subscriber that appears, as Go Micro's HTTP inbox does.
+    /// Weaker than `persistence`: what a subscriber received is not kept for later ones.
+    pub backlog: bool,
     /// Messages with the same ordering key (and, with no key, from one publisher) arrive in publish order
     /// at a subscription with concurrency 1.
     pub ordering: bool,
@@ -40,6 +44,7 @@ impl Capabilities {
     pub const NONE: Capabilities = Capabilities {
         queue_groups: false,
         persistence: false,
+        backlog: false,
         ordering: false,
         redelivery: false,
         delayed_delivery: false,
@@ -87,6 +92,7 @@ impl Capabilities {
         [
             ("queue_groups", self.queue_groups),
             ("persistence", self.persistence),
+            ("backlog", self.backlog),
             ("ordering", self.ordering),
             ("redelivery", self.redelivery),
             ("delayed_delivery", self.delayed_delivery),
@@ -114,6 +120,7 @@ mod tests {
     const ALL: Capabilities = Capabilities {
         queue_groups: true,
         persistence: true,
+        backlog: true,
         ordering: true,
         redelivery: true,
         delayed_delivery: true,

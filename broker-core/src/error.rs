@@ -33,6 +33,8 @@ pub enum ErrorKind {
     Codec,
     /// A message handler returned an error or panicked.
     Handler,
+    /// A bounded buffer is full and its policy is to reject rather than wait or drop.
+    Overflow,
     /// The subscription or broker was closed while the operation was under way.
     Closed,
     /// Any other error reported by the backend's server or client.
@@ -52,6 +54,7 @@ impl ErrorKind {
             ErrorKind::BackendNotLinked => "backend not linked",
             ErrorKind::Codec => "codec error",
             ErrorKind::Handler => "handler error",
+            ErrorKind::Overflow => "overflow",
             ErrorKind::Closed => "closed",
             ErrorKind::Backend => "backend error",
         }

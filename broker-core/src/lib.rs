@@ -12,7 +12,8 @@
 //! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
 //! use broker_core::{handler_fn, Event, Message, PublishOptions, SubscribeOptions};
 //!
-//! let broker = broker_core::from_env()?; // MICRO_BROKER, MICRO_BROKER_ADDRESS
+//! // from_env() reads MICRO_BROKER and MICRO_BROKER_ADDRESS; its default, `http`, is in broker-http.
+//! let broker = broker_core::from_name("memory", broker_core::BrokerOptions::default())?;
 //! broker.connect().await?;
 //! let (done, mut got) = tokio::sync::mpsc::unbounded_channel();
 //! let _sub = broker

@@ -56,6 +56,7 @@ pub const PARAM_BUFFER_SIZE: &str = "buffer_size";
 pub const CAPABILITIES: Capabilities = Capabilities {
     queue_groups: true,
     persistence: false,
+    backlog: false,
     ordering: true,
     redelivery: true,
     delayed_delivery: false,

@@ -88,7 +88,8 @@ pub struct BrokerOptions {
     pub connect_timeout: Duration,
     /// How long a `publish()` may wait (for the server, or for room in a full buffer) before it fails with `Timeout`.
     pub publish_timeout: Duration,
-    /// How long `disconnect()` and `unsubscribe()` wait for in-flight and buffered messages to be handled.
+    /// How long `disconnect()` waits for buffered and in-flight messages to be handled, and
+    /// `unsubscribe()` for the subscription's running handlers.
     pub drain_timeout: Duration,
     /// TLS settings; `None` for plain connections.
     pub tls: Option<TlsOptions>,

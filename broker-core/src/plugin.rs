@@ -23,7 +23,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::options::{BrokerOptions, ENV_BROKER};
 
 /// The backend [`from_env`] picks when `MICRO_BROKER` is unset or empty.
-pub const DEFAULT_BACKEND: &str = "memory";
+pub const DEFAULT_BACKEND: &str = "http";
 
 /// Builds a broker from options. Must not do I/O: connecting is `connect()`'s job.
 pub type Factory = fn(BrokerOptions) -> Result<Arc<dyn Broker>>;
@@ -119,7 +119,7 @@ pub fn plugin(name: &str) -> Result<&'static Plugin> {
             Err(Error::new(
                 ErrorKind::BackendNotLinked,
                 format!(
-                    "broker backend {name:?} is not linked into this program (linked: {linked}); \
+                    "{name:?} is not linked into this program (linked: {linked}); \
                      enable the cargo feature \"{feature}\" of the micro-broker crate, \
                      or depend on the {crate_name} crate and add the line `use {snake} as _;`",
                     feature = known.facade_feature,
@@ -130,7 +130,7 @@ pub fn plugin(name: &str) -> Result<&'static Plugin> {
         None => Err(Error::new(
             ErrorKind::UnknownBackend,
             format!(
-                "unknown broker backend {name:?}; linked backends: {linked} (all known backends: {})",
+                "{name:?} is not a broker backend; linked backends: {linked} (all known backends: {})",
                 KNOWN_BACKENDS.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
             ),
         )),
@@ -163,7 +163,7 @@ pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Arc<dyn Br
 }
 
 /// The backend name `MICRO_BROKER` selects through `lookup`, trimmed; the default when unset or blank.
-pub fn backend_name(lookup: &impl Fn(&str) -> Option<String>) -> String {
+pub fn backend_name(lookup: impl Fn(&str) -> Option<String>) -> String {
     lookup(ENV_BROKER)
         .map(|v| v.trim().to_string())
         .filter(|v| !v.is_empty())
@@ -209,9 +209,9 @@ mod tests {
 
     #[test]
     fn env_selects_backend_and_addresses() {
-        assert_eq!(backend_name(&env(&[])), DEFAULT_BACKEND);
-        assert_eq!(backend_name(&env(&[(ENV_BROKER, "  ")])), DEFAULT_BACKEND);
-        assert_eq!(backend_name(&env(&[(ENV_BROKER, " memory ")])), "memory");
+        assert_eq!(backend_name(env(&[])), DEFAULT_BACKEND);
+        assert_eq!(backend_name(env(&[(ENV_BROKER, "  ")])), DEFAULT_BACKEND);
+        assert_eq!(backend_name(env(&[(ENV_BROKER, " memory ")])), "memory");
         let broker = from_lookup(env(&[(ENV_BROKER, "memory"), (ENV_BROKER_ADDRESS, "a:1,b:2")])).unwrap();
         assert_eq!(broker.name(), "memory");
         assert_eq!(broker.options().addresses, vec!["a:1", "b:2"]);

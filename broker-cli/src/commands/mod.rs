@@ -1,0 +1,5 @@
+//! One module per command (the demo has its own folder, `demo/`).
+
+pub(crate) mod list;
+pub(crate) mod publish;
+pub(crate) mod subscribe;

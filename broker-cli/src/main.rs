@@ -1,0 +1,53 @@
+//! `broker`: publish, subscribe and run the demo over any micro-broker backend.
+//!
+//! The backend is picked as in Go Micro: `--broker NAME` (or `MICRO_BROKER`, default `http`)
+//! and `--broker-address ADDRS` (or `MICRO_BROKER_ADDRESS`, comma-separated). Each command is one
+//! module under `commands/`; the demo's two services are under `demo/`.
+//!
+//! Exit status: 0 success, 1 error, 2 bad command line, 3 `sub --timeout` expired, 130 / 143
+//! `sub` interrupted by SIGINT / SIGTERM (after unsubscribing).
+//! Every error is one line on standard error: `broker: <error>`.
+
+mod cli;
+mod commands;
+mod demo;
+mod error;
+mod output;
+
+use std::future::Future;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+use crate::error::CliError;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return error::report_clap(err),
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => error::report(&err),
+    }
+}
+
+fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::List(args) => commands::list::run(&args),
+        Command::Pub(args) => commands::publish::run(&cli.broker, args),
+        Command::Sub(args) => commands::subscribe::run(&cli.broker, args),
+        Command::Demo(args) => demo::run(&cli.broker, args),
+    }
+}
+
+/// Runs `future` to completion on a small multi-threaded runtime.
+pub(crate) fn block_on<F: Future>(future: F) -> Result<F::Output, CliError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::io("cannot start the async runtime", e))?;
+    Ok(runtime.block_on(future))
+}

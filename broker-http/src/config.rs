@@ -1,0 +1,284 @@
+//! The HTTP backend's configuration, read from [`BrokerOptions`] (addresses and `params`) and,
+//! for the registry, from Go Micro's `MICRO_REGISTRY` / `MICRO_REGISTRY_ADDRESS`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use broker_core::{BrokerOptions, Error, Result, TlsOptions};
+
+use crate::NAME;
+use crate::wire::Dialect;
+
+/// The default listen address: loopback, any free port (Go Micro's `DefaultAddress`).
+pub const DEFAULT_ADDRESS: &str = "127.0.0.1:0";
+
+/// What a publisher does when a topic's inbox is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverflowPolicy {
+    /// Fail the publish with [`ErrorKind::Overflow`](broker_core::ErrorKind::Overflow) (default).
+    Reject,
+    /// Drop the oldest waiting message of that topic, counting it, to make room.
+    DropOldest,
+}
+
+/// Every parameter this backend reads from [`BrokerOptions::params`], with its default.
+pub const PARAMS: &[(&str, &str)] = &[
+    ("dialect", "legacy | current (default legacy: the article's Go Micro <= 1.12 format)"),
+    ("registry", "memory | local | etcd (default: MICRO_REGISTRY, else local)"),
+    ("registry_address", "comma-separated registry addresses (default: MICRO_REGISTRY_ADDRESS)"),
+    ("advertise_address", "host:port put in the registry (default: the bound address)"),
+    ("secret", "shared secret publishers send and subscribers check (default: none)"),
+    ("max_body_bytes", "largest request body accepted (default 4194304)"),
+    ("request_timeout_ms", "timeout of one delivery request (default 5000)"),
+    ("max_in_flight", "deliveries in flight at once per broker (default 64)"),
+    ("max_attempts", "delivery attempts of a message to one subscription before it is dropped (default 10)"),
+    ("inbox_max_messages", "messages waiting per topic (default 10000)"),
+    ("inbox_max_bytes", "bytes waiting per topic (default 67108864)"),
+    ("inbox_total_bytes", "bytes waiting over all topics (default 268435456)"),
+    ("inbox_overflow", "reject | drop_oldest (default reject)"),
+    ("register_ttl_ms", "registry TTL of a subscription (default 60000)"),
+    ("register_interval_ms", "re-registration period (default 30000)"),
+];
+
+/// The HTTP backend's settings.
+#[derive(Clone)]
+pub struct HttpConfig {
+    /// Where the endpoint listens.
+    pub listen: String,
+    /// What goes into the registry as the node address; the bound address when `None`.
+    pub advertise: Option<String>,
+    /// The dialect written when publishing and registering.
+    pub dialect: Dialect,
+    /// Registry name; `None` reads `MICRO_REGISTRY`.
+    pub registry: Option<String>,
+    /// Registry addresses; empty reads `MICRO_REGISTRY_ADDRESS`.
+    pub registry_addresses: Vec<String>,
+    /// Shared secret, sent in [`SECRET_HEADER`](crate::SECRET_HEADER) and checked.
+    pub secret: Option<String>,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// Timeout of one delivery request.
+    pub request_timeout: Duration,
+    /// Deliveries in flight at once.
+    pub max_in_flight: usize,
+    /// Attempts per message and subscription before giving up.
+    pub max_attempts: u32,
+    /// Per-topic inbox bound, in messages.
+    pub inbox_max_messages: usize,
+    /// Per-topic inbox bound, in bytes.
+    pub inbox_max_bytes: usize,
+    /// Inbox bound over all topics, in bytes.
+    pub inbox_total_bytes: usize,
+    /// What happens when an inbox is full.
+    pub inbox_overflow: OverflowPolicy,
+    /// Registry TTL.
+    pub register_ttl: Duration,
+    /// Re-registration period.
+    pub register_interval: Duration,
+    /// HTTPS: the endpoint's certificate and what publishers trust (feature `tls`; see the `tls` module).
+    pub tls: Option<TlsOptions>,
+}
+
+impl fmt::Debug for HttpConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpConfig")
+            .field("listen", &self.listen)
+            .field("advertise", &self.advertise)
+            .field("dialect", &self.dialect)
+            .field("registry", &self.registry)
+            .field("registry_addresses", &self.registry_addresses)
+            .field("secret", &self.secret.as_ref().map(|_| "***"))
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("request_timeout", &self.request_timeout)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("max_attempts", &self.max_attempts)
+            .field("inbox_max_messages", &self.inbox_max_messages)
+            .field("inbox_max_bytes", &self.inbox_max_bytes)
+            .field("inbox_total_bytes", &self.inbox_total_bytes)
+            .field("inbox_overflow", &self.inbox_overflow)
+            .field("register_ttl", &self.register_ttl)
+            .field("register_interval", &self.register_interval)
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: DEFAULT_ADDRESS.to_string(),
+            advertise: None,
+            dialect: Dialect::Legacy,
+            registry: None,
+            registry_addresses: Vec::new(),
+            secret: None,
+            max_body_bytes: 4 * 1024 * 1024,
+            request_timeout: Duration::from_secs(5),
+            max_in_flight: 64,
+            max_attempts: 10,
+            inbox_max_messages: 10_000,
+            inbox_max_bytes: 64 * 1024 * 1024,
+            inbox_total_bytes: 256 * 1024 * 1024,
+            inbox_overflow: OverflowPolicy::Reject,
+            register_ttl: Duration::from_secs(60),
+            register_interval: Duration::from_secs(30),
+            tls: None,
+        }
+    }
+}
+
+impl HttpConfig {
+    /// Reads the configuration from broker options, rejecting unknown parameters and bad values.
+    pub fn from_options(options: &BrokerOptions) -> Result<Self> {
+        options.validate()?;
+        if let Some(tls) = &options.tls {
+            crate::tls::check(tls)?;
+        }
+        let mut config = HttpConfig { tls: options.tls.clone(), ..HttpConfig::default() };
+        match options.addresses.as_slice() {
+            [] => {}
+            [one] => {
+                let listen = one.trim().trim_start_matches("http://");
+                check_socket_address("listen address", listen)?;
+                config.listen = listen.to_string();
+            }
+            many => {
+                return Err(Error::invalid_input(format!(
+                    "the HTTP backend listens on one address, got {}: {many:?}",
+                    many.len()
+                )));
+            }
+        }
+        for (key, value) in &options.params {
+            let value = value.trim();
+            match key.as_str() {
+                "dialect" => {
+                    config.dialect = Dialect::parse(value).ok_or_else(|| bad_value(key, value, "legacy or current"))?
+                }
+                "registry" => config.registry = Some(value.to_string()),
+                "registry_address" => config.registry_addresses = broker_core::parse_addresses(value),
+                "advertise_address" => {
+                    check_socket_address("advertise_address", value)?;
+                    config.advertise = Some(value.to_string());
+                }
+                "secret" => {
+                    if value.is_empty() {
+                        return Err(Error::invalid_input("parameter `secret` must not be empty"));
+                    }
+                    config.secret = Some(value.to_string());
+                }
+                "max_body_bytes" => config.max_body_bytes = positive(key, value)?,
+                "request_timeout_ms" => config.request_timeout = Duration::from_millis(positive(key, value)? as u64),
+                "max_in_flight" => config.max_in_flight = positive(key, value)?,
+                "max_attempts" => config.max_attempts = positive(key, value)?.min(u32::MAX as usize) as u32,
+                "inbox_max_messages" => config.inbox_max_messages = positive(key, value)?,
+                "inbox_max_bytes" => config.inbox_max_bytes = positive(key, value)?,
+                "inbox_total_bytes" => config.inbox_total_bytes = positive(key, value)?,
+                "inbox_overflow" => {
+                    config.inbox_overflow = match value {
+                        "reject" => OverflowPolicy::Reject,
+                        "drop_oldest" => OverflowPolicy::DropOldest,
+                        _ => return Err(bad_value(key, value, "reject or drop_oldest")),
+                    }
+                }
+                "register_ttl_ms" => config.register_ttl = Duration::from_millis(positive(key, value)? as u64),
+                "register_interval_ms" => {
+                    config.register_interval = Duration::from_millis(positive(key, value)? as u64)
+                }
+                unknown => {
+                    let known: Vec<&str> = PARAMS.iter().map(|(k, _)| *k).collect();
+                    return Err(Error::unsupported(
+                        NAME,
+                        unknown,
+                        &format!("unknown parameter; the HTTP backend reads {}", known.join(", ")),
+                    ));
+                }
+            }
+        }
+        if config.register_interval >= config.register_ttl {
+            return Err(Error::invalid_input(format!(
+                "register_interval ({:?}) must be shorter than register_ttl ({:?}), or subscriptions expire between heartbeats",
+                config.register_interval, config.register_ttl
+            )));
+        }
+        Ok(config)
+    }
+}
+
+fn check_socket_address(what: &str, value: &str) -> Result<()> {
+    value
+        .parse::<SocketAddr>()
+        .map(|_| ())
+        .map_err(|e| Error::invalid_input(format!("{what} {value:?} is not an IP:port address like 127.0.0.1:0 ({e})")))
+}
+
+fn positive(key: &str, value: &str) -> Result<usize> {
+    match value.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(bad_value(key, value, "a whole number of at least 1")),
+    }
+}
+
+fn bad_value(key: &str, value: &str, expected: &str) -> Error {
+    Error::invalid_input(format!("parameter `{key}` = {value:?}: expected {expected}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use broker_core::ErrorKind;
+
+    #[test]
+    fn defaults() {
+        let config = HttpConfig::from_options(&BrokerOptions::new()).unwrap();
+        assert_eq!(config.listen, DEFAULT_ADDRESS);
+        assert_eq!(config.dialect, Dialect::Legacy);
+        assert_eq!(config.max_body_bytes, 4 * 1024 * 1024);
+        assert_eq!(config.register_ttl, Duration::from_secs(60));
+        assert_eq!(config.register_interval, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn params_are_read() {
+        let options = BrokerOptions::new()
+            .with_addresses(["127.0.0.1:8080"])
+            .with_param("dialect", "current")
+            .with_param("secret", "hunter2")
+            .with_param("inbox_overflow", "drop_oldest")
+            .with_param("registry", "memory")
+            .with_param("registry_address", "a, b");
+        let config = HttpConfig::from_options(&options).unwrap();
+        assert_eq!(config.listen, "127.0.0.1:8080");
+        assert_eq!(config.dialect, Dialect::Current);
+        assert_eq!(config.inbox_overflow, OverflowPolicy::DropOldest);
+        assert_eq!(config.registry_addresses, vec!["a", "b"]);
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn bad_input_is_named() {
+        let cases = [
+            (BrokerOptions::new().with_addresses(["localhost"]), ErrorKind::InvalidInput, "IP:port"),
+            (
+                BrokerOptions::new().with_addresses(["127.0.0.1:1", "127.0.0.1:2"]),
+                ErrorKind::InvalidInput,
+                "one address",
+            ),
+            (BrokerOptions::new().with_param("dialect", "v9"), ErrorKind::InvalidInput, "legacy or current"),
+            (BrokerOptions::new().with_param("max_body_bytes", "0"), ErrorKind::InvalidInput, "max_body_bytes"),
+            (BrokerOptions::new().with_param("jetstream", "true"), ErrorKind::Unsupported, "jetstream"),
+            (BrokerOptions::new().with_param("register_interval_ms", "70000"), ErrorKind::InvalidInput, "register_ttl"),
+            (
+                BrokerOptions::new().with_tls(TlsOptions::new()),
+                if crate::tls::ENABLED { ErrorKind::InvalidInput } else { ErrorKind::Unsupported },
+                "tls",
+            ),
+        ];
+        for (options, kind, needle) in cases {
+            let err = HttpConfig::from_options(&options).unwrap_err();
+            assert_eq!(err.kind(), kind, "{err}");
+            assert!(err.to_string().contains(needle), "{err}");
+        }
+    }
+}
