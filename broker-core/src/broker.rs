@@ -56,6 +56,23 @@ where
     Arc::new(f)
 }
 
+tokio::task_local! {
+    static HANDLER_OF: usize;
+}
+
+/// For backends: runs `future` (one handler run) marked as belonging to subscription `key` (any
+/// number unique among live subscriptions, such as the address of its state), so that
+/// [`running_handler_of`] can tell from inside the handler which subscription it serves.
+pub fn scope_handler<F: Future>(key: usize, future: F) -> impl Future<Output = F::Output> {
+    HANDLER_OF.scope(key, future)
+}
+
+/// For backends: the key of the subscription whose handler this task is running, if any. An
+/// `unsubscribe()` called from inside the subscription's own handler must not wait for itself.
+pub fn running_handler_of() -> Option<usize> {
+    HANDLER_OF.try_with(|key| *key).ok()
+}
+
 /// Runs `handler` on `event`, turning a panic into an error, and with `auto_ack` acks on `Ok`
 /// and nacks on `Err`. Every backend calls this, so handler semantics are the same everywhere.
 ///

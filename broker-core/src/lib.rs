@@ -40,7 +40,9 @@ mod message;
 mod options;
 mod plugin;
 
-pub use broker::{Broker, BrokerExt, Handler, HandlerResult, Subscriber, handler_fn, run_handler};
+pub use broker::{
+    Broker, BrokerExt, Handler, HandlerResult, Subscriber, handler_fn, run_handler, running_handler_of, scope_handler,
+};
 pub use capabilities::Capabilities;
 pub use error::{BoxError, Error, ErrorKind, Result};
 pub use event::{Acknowledger, Event, EventBuilder, Settlement};

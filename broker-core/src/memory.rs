@@ -6,7 +6,7 @@
 //!   buffer of [`SubscribeOptions::buffer_size`] messages (default [`DEFAULT_BUFFER_SIZE`], or the
 //!   broker parameter `buffer_size`). When it is full, `publish` waits for room up to
 //!   [`BrokerOptions::publish_timeout`] and then fails with [`ErrorKind::Timeout`]: a message is
-//!   never dropped for lack of room. Redeliveries re-enter the buffer without waiting, so a buffer
+//!   never dropped for lack of room, and a publish that times out reached no subscriber at all. Redeliveries re-enter the buffer without waiting, so a buffer
 //!   holds at most `buffer_size` plus the subscription's concurrency.
 //! - **Ack / nack.** A nacked message (a handler error with auto-ack, a panic, an explicit
 //!   `nack()`, or an event dropped unsettled with auto-ack off) is delivered again after a short
@@ -16,7 +16,8 @@
 //!   [`MemoryBroker::dropped`] and logged.
 //! - **Concurrency**: at most [`SubscribeOptions::concurrency`] handlers of a subscription run at once.
 //! - **Drain**: `disconnect()` waits until every buffered and in-flight message is settled (bounded
-//!   by [`BrokerOptions::drain_timeout`]), then stops the subscriptions. `unsubscribe()` stops
+//!   by [`BrokerOptions::drain_timeout`]), then stops the subscriptions. A message nacked during
+//!   the drain is not redelivered: it is counted in [`MemoryBroker::dropped`] and logged. `unsubscribe()` stops
 //!   delivery at once and waits for the subscription's running handlers; what is still buffered
 //!   for a broadcast subscriber (or for the last member of a group) is discarded with it.
 //! - **Not kept**: nothing survives the process, and a message published to a topic with no
@@ -36,7 +37,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::broker::{Broker, Handler, Subscriber, run_handler};
+use crate::broker::{Broker, Handler, Subscriber, run_handler, running_handler_of, scope_handler};
 use crate::capabilities::Capabilities;
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::{Acknowledger, Event};
@@ -264,7 +265,7 @@ impl Shared {
         member.cancel.cancel();
         member.handlers.close();
         let timeout = self.options().drain_timeout;
-        tokio::time::timeout(timeout, member.handlers.wait()).await.map_err(|_| {
+        tokio::time::timeout(timeout, wait_for_others(&member)).await.map_err(|_| {
             Error::new(
                 ErrorKind::Timeout,
                 format!("unsubscribe from {:?}: handlers still running after {timeout:?}", member.queue.topic),
@@ -294,6 +295,17 @@ impl Shared {
         }
         drop(topics);
         queue.close();
+    }
+}
+
+/// Waits for the member's running handlers, except the one calling (an `unsubscribe()` from
+/// inside the subscription's own handler).
+async fn wait_for_others(member: &Arc<Member>) {
+    if running_handler_of() != Some(Arc::as_ptr(member) as usize) {
+        return member.handlers.wait().await;
+    }
+    while member.handlers.len() > 1 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 
@@ -327,15 +339,15 @@ impl Queue {
         self.ready.notify_one();
     }
 
-    /// Waits for a slot up to `timeout`, then queues the message. A queue closed meanwhile
-    /// (its subscriber left) takes nothing and that is not an error.
-    async fn push(&self, message: Message, timeout: Duration) -> Result<()> {
+    /// Waits up to `timeout` for a buffer slot. `Ok(None)`: the queue closed meanwhile (its
+    /// subscriber left), which takes nothing and is not an error.
+    async fn reserve(&self, timeout: Duration) -> Result<Option<tokio::sync::SemaphorePermit<'_>>> {
         match tokio::time::timeout(timeout, self.slots.acquire()).await {
             Err(_) => Err(Error::new(
                 ErrorKind::Timeout,
                 format!(
                     "publish to {:?}: the buffer of {} stayed full for {timeout:?} (a slow subscriber); \
-                     raise buffer_size or publish_timeout, or speed up the handler",
+                     raise buffer_size or publish_timeout, or speed up the handler. No subscriber got the message",
                     self.topic,
                     self.group
                         .as_deref()
@@ -343,12 +355,8 @@ impl Queue {
                         .unwrap_or_else(|| "a subscriber".into())
                 ),
             )),
-            Ok(Err(_closed)) => Ok(()),
-            Ok(Ok(permit)) => {
-                permit.forget();
-                self.accept(message);
-                Ok(())
-            }
+            Ok(Err(_closed)) => Ok(None),
+            Ok(Ok(permit)) => Ok(Some(permit)),
         }
     }
 
@@ -429,6 +437,14 @@ impl MemoryAck {
         let Some(mut delivery) = lock(&self.delivery).take() else { return };
         let Some(shared) = self.shared.upgrade() else { return };
         let queue = Arc::clone(&self.queue);
+        if !shared.connected.load(Ordering::Acquire) {
+            // Disconnecting: a redelivery would keep the drain waiting for a handler that keeps
+            // failing. Give the message up, counted and logged.
+            shared.dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(topic = %queue.topic, reason, "memory broker: nacked during disconnect; not redelivered");
+            queue.finish_one();
+            return;
+        }
         let redeliveries_so_far = delivery.attempt - 1;
         if self.max_redeliveries.is_some_and(|max| redeliveries_so_far >= max) {
             shared.dead_letter(&queue, delivery, reason);
@@ -564,14 +580,20 @@ impl Broker for MemoryBroker {
         message.headers.extend(options.headers);
         let queues = self.shared.queues_of(topic);
         let timeout = self.shared.options().publish_timeout;
-        match queues.as_slice() {
-            [] => Ok(()),
-            [only] => only.push(message, timeout).await,
-            many => {
-                let pushes = many.iter().map(|q| q.push(message.clone(), timeout));
-                futures::future::join_all(pushes).await.into_iter().collect()
+        // Room in every buffer first, then the message into all of them: a publish that times
+        // out reached no subscriber, so a retry cannot duplicate it for some of them.
+        let reserved = futures::future::join_all(queues.iter().map(|q| q.reserve(timeout))).await;
+        let mut slots = Vec::with_capacity(reserved.len());
+        for slot in reserved {
+            slots.push(slot?);
+        }
+        for (queue, slot) in queues.iter().zip(slots) {
+            if let Some(permit) = slot {
+                permit.forget();
+                queue.accept(message.clone());
             }
         }
+        Ok(())
     }
 
     async fn subscribe(
@@ -655,12 +677,12 @@ async fn run_member(member: Arc<Member>, handler: Arc<dyn Handler>, options: Sub
             .build();
         let handler = Arc::clone(&handler);
         let auto_ack = options.auto_ack;
-        member.handlers.spawn(async move {
+        member.handlers.spawn(scope_handler(Arc::as_ptr(&member) as usize, async move {
             if let Err(error) = run_handler(handler.as_ref(), event, auto_ack).await {
                 tracing::debug!(%error, "memory broker: delivery failed");
             }
             drop(permit);
-        });
+        }));
     }
 }
 
@@ -965,6 +987,98 @@ mod tests {
         })
         .await
         .expect("the worker released its handler");
+    }
+
+    #[tokio::test]
+    async fn a_publish_that_times_out_reached_nobody() {
+        let broker = connected(BrokerOptions::new().with_publish_timeout(Duration::from_millis(100))).await;
+        let (fast_tx, mut fast) = mpsc::unbounded_channel();
+        broker
+            .subscribe(
+                "fanout",
+                handler_fn(move |e: Event| {
+                    let _ = fast_tx.send(e.message().body.clone());
+                    async { Ok(()) }
+                }),
+                SubscribeOptions::new(),
+            )
+            .await
+            .unwrap();
+        let gate = Arc::new(Notify::new());
+        let held = Arc::clone(&gate);
+        broker
+            .subscribe(
+                "fanout",
+                handler_fn(move |_e: Event| {
+                    let held = Arc::clone(&held);
+                    async move {
+                        held.notified().await;
+                        Ok(())
+                    }
+                }),
+                SubscribeOptions::new().with_buffer_size(1),
+            )
+            .await
+            .unwrap();
+        // The slow subscriber holds "1" in its handler and "2" in its buffer; "3" finds no room.
+        for body in ["1", "2"] {
+            broker.publish("fanout", Message::new(body), PublishOptions::new()).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let err = broker.publish("fanout", Message::new("3"), PublishOptions::new()).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Timeout);
+        assert!(err.to_string().contains("No subscriber got the message"), "{err}");
+        assert_eq!(fast.recv().await.unwrap(), "1");
+        assert_eq!(fast.recv().await.unwrap(), "2");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(fast.try_recv().is_err(), "the fast subscriber did not get the failed publish either");
+        for _ in 0..3 {
+            gate.notify_one();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_poison_message_does_not_hold_up_disconnect() {
+        let broker = connected(BrokerOptions::new().with_drain_timeout(Duration::from_secs(20))).await;
+        broker
+            .subscribe("poison-forever", handler_fn(|_e: Event| async { Err("never".into()) }), SubscribeOptions::new())
+            .await
+            .unwrap();
+        broker.publish("poison-forever", Message::new("x"), PublishOptions::new()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = std::time::Instant::now();
+        broker.disconnect().await.unwrap();
+        assert!(started.elapsed() < Duration::from_secs(10), "disconnect did not wait out the drain timeout");
+        assert_eq!(broker.dropped(), 1, "the message given up on is counted");
+    }
+
+    #[tokio::test]
+    async fn unsubscribe_from_own_handler_returns() {
+        let broker = connected(BrokerOptions::new().with_drain_timeout(Duration::from_secs(20))).await;
+        let slot: Arc<tokio::sync::Mutex<Option<Box<dyn Subscriber>>>> = Arc::default();
+        let own = Arc::clone(&slot);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let sub = broker
+            .subscribe(
+                "self-stop",
+                handler_fn(move |_e: Event| {
+                    let (own, tx) = (Arc::clone(&own), tx.clone());
+                    async move {
+                        if let Some(sub) = own.lock().await.as_ref() {
+                            tx.send(sub.unsubscribe().await.is_ok())?;
+                        }
+                        Ok(())
+                    }
+                }),
+                SubscribeOptions::new(),
+            )
+            .await
+            .unwrap();
+        *slot.lock().await = Some(sub);
+        broker.publish("self-stop", Message::new("x"), PublishOptions::new()).await.unwrap();
+        let unsubscribed = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
+        assert!(unsubscribed);
+        broker.disconnect().await.unwrap();
     }
 
     #[test]

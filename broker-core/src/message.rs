@@ -58,9 +58,16 @@ impl Message {
         self
     }
 
-    /// The value of header `key`, if present.
+    /// The value of header `key`, if present (exact match).
     pub fn header(&self, key: &str) -> Option<&str> {
         self.headers.get(key).map(String::as_str)
+    }
+
+    /// The value of header `key` matched without regard to ASCII case (HTTP-style names such as
+    /// `Content-Type`, which some transports lower-case); an exact match wins.
+    pub fn header_ignore_case(&self, key: &str) -> Option<&str> {
+        self.header(key)
+            .or_else(|| self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| v.as_str()))
     }
 
     /// The body as bytes.
@@ -94,7 +101,7 @@ impl Message {
     /// A `Content-Type` header that is present and names something other than JSON is a
     /// [`Codec`](crate::ErrorKind::Codec) error, as is a body that does not decode.
     pub fn decode_json<T: DeserializeOwned>(&self) -> Result<T> {
-        if let Some(content_type) = self.header(headers::CONTENT_TYPE) {
+        if let Some(content_type) = self.header_ignore_case(headers::CONTENT_TYPE) {
             if !is_json_content_type(content_type) {
                 return Err(Error::codec(format!(
                     "expected a JSON body (Content-Type {JSON_CONTENT_TYPE}), got Content-Type {content_type:?}"

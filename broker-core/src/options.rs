@@ -125,16 +125,53 @@ impl fmt::Debug for BrokerOptions {
     }
 }
 
-/// Replaces the password of a `scheme://user:password@host` address with `***`.
+/// Query parameters whose values are secrets, hidden by [`redact_credentials`].
+const SECRET_PARAMS: &[&str] = &["password", "pass", "passwd", "token", "secret", "sasl.password", "auth"];
+
+/// Hides the secrets of an address: the password of `scheme://user:password@host` (or the whole
+/// user info when it has no `:`), and the values of query parameters such as `password` or `token`.
+///
+/// ```
+/// use broker_core::redact_credentials;
+/// assert_eq!(redact_credentials("amqp://guest:s3cr3t@127.0.0.1:5672/%2f"), "amqp://guest:***@127.0.0.1:5672/%2f");
+/// assert_eq!(redact_credentials("redis://127.0.0.1:6379/0?password=s3cr3t"), "redis://127.0.0.1:6379/0?password=***");
+/// ```
 pub fn redact_credentials(address: &str) -> String {
-    let Some(scheme_end) = address.find("://") else { return address.to_string() };
-    let rest = &address[scheme_end + 3..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else { return address.to_string() };
-    let user_info = &rest[..at];
-    let user = user_info.split(':').next().unwrap_or("");
-    let shown = if user_info.contains(':') { format!("{user}:***") } else { "***".to_string() };
-    format!("{}{}@{}", &address[..scheme_end + 3], shown, &rest[at + 1..])
+    let Some(scheme_end) = address.find("://").map(|i| i + 3) else { return address.to_string() };
+    let (before_query, query) = match address.find('?') {
+        Some(q) if q >= scheme_end => (&address[..q], Some(&address[q + 1..])),
+        _ => (address, None),
+    };
+    let rest = &before_query[scheme_end..];
+    // The user info ends at the last '@' before the query: a password may itself hold '/' or '@'.
+    let mut out = String::with_capacity(address.len());
+    out.push_str(&address[..scheme_end]);
+    match rest.rfind('@') {
+        Some(at) => {
+            let user_info = &rest[..at];
+            match user_info.split_once(':') {
+                Some((user, _password)) => {
+                    out.push_str(user);
+                    out.push_str(":***");
+                }
+                None => out.push_str("***"),
+            }
+            out.push_str(&rest[at..]);
+        }
+        None => out.push_str(rest),
+    }
+    if let Some(query) = query {
+        out.push('?');
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((key, _)) if SECRET_PARAMS.iter().any(|s| key.eq_ignore_ascii_case(s)) => format!("{key}=***"),
+                _ => pair.to_string(),
+            })
+            .collect();
+        out.push_str(&pairs.join("&"));
+    }
+    out
 }
 
 impl BrokerOptions {
@@ -442,5 +479,12 @@ mod tests {
         assert!(text.contains("amqp://guest:***@127.0.0.1:5672/%2f"), "{text}");
         assert_eq!(redact_credentials("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
         assert_eq!(redact_credentials("redis://tok@h/0"), "redis://***@h/0");
+        assert_eq!(redact_credentials("amqp://user:pa/ss@host/vh"), "amqp://user:***@host/vh");
+        assert_eq!(redact_credentials("amqp://user:p@ss@host/vh"), "amqp://user:***@host/vh");
+        assert_eq!(
+            redact_credentials("redis://host:6379/0?db=1&Password=secret&token=t"),
+            "redis://host:6379/0?db=1&Password=***&token=***"
+        );
+        assert_eq!(redact_credentials("127.0.0.1:9092"), "127.0.0.1:9092");
     }
 }

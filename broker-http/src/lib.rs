@@ -519,7 +519,7 @@ impl Subscriber for HttpSubscriber {
         }
         let deregistered = running.registry.deregister(&self.subscription.service).await;
         self.subscription.tasks.close();
-        let waited = tokio::time::timeout(running.drain_timeout, self.subscription.tasks.wait()).await;
+        let waited = tokio::time::timeout(running.drain_timeout, self.subscription.wait_for_handlers()).await;
         deregistered?;
         waited.map_err(|_| {
             Error::new(

@@ -125,11 +125,13 @@ struct Pending {
     /// turns out to be gone (our registry cache was stale), nodes registered since are found
     /// and aimed at once, without sending twice to the others.
     reached: Option<Arc<Mutex<HashSet<String>>>>,
+    /// This delivery is the message's only one (one broadcast node, no queue group).
+    alone: bool,
 }
 
 impl Pending {
     fn new(body: Bytes, report: Option<Arc<Report>>) -> Pending {
-        Pending { body, target: Target::All, attempt: 1, not_before: None, report, reached: None }
+        Pending { body, target: Target::All, attempt: 1, not_before: None, report, reached: None, alone: false }
     }
 
     /// The same message aimed at `target`.
@@ -141,6 +143,7 @@ impl Pending {
             not_before: None,
             report: self.report.clone(),
             reached: self.reached.clone(),
+            alone: false,
         }
     }
 
@@ -392,17 +395,9 @@ impl Outbox {
                     .filter(|v| &v.name == group)
                     .map(|v| Version { name: v.name.clone(), nodes: v.nodes.clone() })
                     .collect(),
-                Target::Node(node) => {
-                    let present = versions.iter().any(|v| v.nodes.iter().any(|n| n.id == node.id));
-                    if !present {
-                        // The subscription ended: there is nobody left to deliver it to.
-                        inbox.bytes -= pending.body.len();
-                        *total_bytes -= pending.body.len();
-                        pending.give_up(&node.id, "the subscription ended before the message could be delivered");
-                        continue;
-                    }
-                    vec![Version { name: BROADCAST_VERSION.to_string(), nodes: vec![node.clone()] }]
-                }
+                // Sent to the node itself, whatever the cache says (it may not show a node that
+                // registered a moment ago): a node whose subscription ended answers 404.
+                Target::Node(node) => vec![Version { name: BROADCAST_VERSION.to_string(), nodes: vec![node.clone()] }],
             };
             if targets.is_empty() {
                 if draining {
@@ -452,6 +447,7 @@ impl Outbox {
             Some(_) => pending,
             None => Pending { reached: Some(Arc::new(Mutex::new(broadcast_ids))), ..pending },
         };
+        let alone = jobs.len() == 1;
         for (target, nodes) in jobs {
             let permit = tokio::select! {
                 _ = self.stop.cancelled() => return,
@@ -461,7 +457,7 @@ impl Outbox {
                 },
             };
             let Some(this) = self.this.upgrade() else { return };
-            let job = pending.aimed_at(target, pending.attempt);
+            let job = Pending { alone, ..pending.aimed_at(target, pending.attempt) };
             let topic = topic.to_string();
             let service_name = service_name.to_string();
             self.deliveries.spawn(async move {
@@ -493,8 +489,9 @@ impl Outbox {
                     self.cache.forget_node(service_name, &node.id);
                     last_failure = format!("node {} no longer has that subscription", node.id);
                     if matches!(job.target, Target::Node(_)) {
-                        self.aim_at_new_broadcast_nodes(topic, service_name, &job).await;
-                        job.give_up(&node.id, &last_failure);
+                        if !self.aim_at_new_broadcast_nodes(topic, service_name, &job).await {
+                            job.give_up(&node.id, &last_failure);
+                        }
                         return;
                     }
                 }
@@ -518,18 +515,25 @@ impl Outbox {
     }
 
     /// A broadcast node was gone, so our cached view was stale: look the topic up in the registry
-    /// itself and aim the message at broadcast nodes registered since it was dispatched.
-    async fn aim_at_new_broadcast_nodes(&self, topic: &str, service_name: &str, job: &Pending) {
-        let Some(reached) = &job.reached else { return };
+    /// itself and aim the message at broadcast nodes registered since it was dispatched. When the
+    /// topic has no subscriber left at all, the message goes back to the inbox to wait for one,
+    /// as if published now (returns true: the delivery is not over).
+    async fn aim_at_new_broadcast_nodes(&self, topic: &str, service_name: &str, job: &Pending) -> bool {
+        let Some(reached) = &job.reached else { return false };
         let services = match self.cache.registry().get_service(service_name).await {
             Ok(services) => services,
             Err(error) => {
                 tracing::debug!(%error, service_name, "http broker: registry lookup failed");
-                return;
+                return false;
             }
         };
-        let fresh: Vec<Node> = self
-            .versions_of(services, topic)
+        let versions = self.versions_of(services, topic);
+        if versions.is_empty() && job.alone {
+            // Its only subscriber is gone and nobody else listens: back to waiting for one.
+            let waiting = Pending { reached: None, ..job.aimed_at(Target::All, 1) };
+            return self.enqueue(topic, waiting, false).is_ok();
+        }
+        let fresh: Vec<Node> = versions
             .into_iter()
             .filter(|v| v.name == BROADCAST_VERSION)
             .flat_map(|v| v.nodes)
@@ -541,6 +545,7 @@ impl Outbox {
             }
             let _ = self.enqueue(topic, job.aimed_at(Target::Node(node), 1), false);
         }
+        false
     }
 
     /// Puts a failed delivery back into the inbox with a backoff, or gives up after `max_attempts`.

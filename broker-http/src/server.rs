@@ -13,7 +13,10 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use broker_core::{Acknowledger, Event, Handler, Message, Result, SubscribeOptions, headers, run_handler};
+use broker_core::{
+    Acknowledger, Event, Handler, Message, Result, SubscribeOptions, headers, run_handler, running_handler_of,
+    scope_handler,
+};
 use broker_registry::Service;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -68,6 +71,17 @@ impl Subscription {
         &self.node_id
     }
 
+    /// Waits for this subscription's running handlers, except the one calling (an
+    /// `unsubscribe()` from inside its own handler).
+    pub(crate) async fn wait_for_handlers(self: &Arc<Self>) {
+        if running_handler_of() != Some(Arc::as_ptr(self) as usize) {
+            return self.tasks.wait().await;
+        }
+        while self.tasks.len() > 1 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
     /// Runs the handler on one delivery and says how it ended.
     async fn deliver(self: &Arc<Self>, running: &Arc<Running>, message: Message, attempt: u32) -> Delivery {
         let Ok(permit) = Arc::clone(&self.limit).acquire_owned().await else { return Delivery::Gone };
@@ -85,12 +99,12 @@ impl Subscription {
         let handler = Arc::clone(&self.handler);
         let auto_ack = self.options.auto_ack;
         // Spawned, so that a publisher that gives up waiting does not cancel a running handler.
-        let task = running.handlers.spawn(async move {
+        let task = running.handlers.spawn(scope_handler(Arc::as_ptr(self) as usize, async move {
             let outcome = run_handler(handler.as_ref(), event, auto_ack).await;
             drop(permit);
             drop(token);
             outcome
-        });
+        }));
         let outcome = task.await;
         let reason = match settle.state.load(Ordering::Acquire) {
             ACKED => return Delivery::Handled,

@@ -74,10 +74,17 @@ async fn node_of(registry: &SharedRegistry, topic: &str) -> Node {
     services.into_iter().flat_map(|s| s.nodes).next().expect("a registered node")
 }
 
-/// Sends raw bytes and returns the status code of the answer.
+/// Sends raw bytes and returns the status code of the answer. Writes and reads at once: an
+/// endpoint may answer (413) and close before the whole request is sent, which is the point.
 async fn raw_status(address: &str, request: &[u8]) -> u16 {
-    let mut stream = TcpStream::connect(address).await.expect("connect to the endpoint");
-    stream.write_all(request).await.expect("write");
+    let stream = TcpStream::connect(address).await.expect("connect to the endpoint");
+    let (mut stream, mut writer) = stream.into_split();
+    let request = request.to_vec();
+    let writing = tokio::spawn(async move {
+        // A write cut short by the endpoint's early answer is expected.
+        let _ = writer.write_all(&request).await;
+        writer
+    });
     let mut answer = Vec::new();
     let mut buf = [0u8; 4096];
     tokio::time::timeout(WAIT, async {
@@ -95,6 +102,7 @@ async fn raw_status(address: &str, request: &[u8]) -> u16 {
     })
     .await
     .expect("an answer in time");
+    writing.abort();
     let text = String::from_utf8_lossy(&answer);
     text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status line in {text:?}"))
 }

@@ -40,7 +40,7 @@
 //! | delivery | [`round_trip`], [`publish_without_subscribers_succeeds`], [`headers_round_trip`], [`publish_option_headers_are_merged`], [`empty_body`], [`binary_body`], [`large_body`], [`topics_are_isolated`] |
 //! | fan-out | [`broadcast_reaches_every_subscriber`], [`queue_groups_share_work`], [`mixed_broadcast_and_queue_subscribers`] |
 //! | order and volume | [`per_publisher_order`], [`ordering_key_keeps_order`], [`concurrent_publishers_lose_nothing`], [`ten_thousand_messages_none_lost`] |
-//! | subscriptions | [`unsubscribe_stops_delivery`], [`unsubscribe_twice_is_harmless`], [`unsubscribe_waits_for_running_handler`], [`resubscribe_after_unsubscribe`], [`subscriber_reports_topic_and_options`], [`concurrency_limit_is_respected`], [`concurrency_zero_is_rejected`] |
+//! | subscriptions | [`unsubscribe_stops_delivery`], [`unsubscribe_twice_is_harmless`], [`unsubscribe_from_own_handler`], [`unsubscribe_waits_for_running_handler`], [`resubscribe_after_unsubscribe`], [`subscriber_reports_topic_and_options`], [`concurrency_limit_is_respected`], [`concurrency_zero_is_rejected`] |
 //! | failures and acks | [`handler_error_is_redelivered`], [`max_redeliveries_then_dead_letter`], [`manual_ack_prevents_redelivery`], [`manual_nack_redelivers`], [`handler_panic_is_a_failure`] |
 //! | connection | [`disconnect_drains_in_flight_handler`], [`publish_after_disconnect_fails`], [`not_connected_before_connect`], [`connect_twice_is_harmless`], [`reconnect_after_disconnect`], [`init_only_while_disconnected`], [`name_and_capabilities_match_plugin`] |
 //! | validation | [`invalid_topics_are_rejected`], [`unsupported_options_are_rejected`], [`delayed_delivery_waits`], [`late_subscriber_reads_old_messages`], [`backlog_reaches_first_subscriber`] |
@@ -266,6 +266,7 @@ macro_rules! __with_cases {
             delayed_delivery_waits,
             late_subscriber_reads_old_messages,
             backlog_reaches_first_subscriber,
+            unsubscribe_from_own_handler,
             typed_json_round_trip,
             typed_json_rejects_garbage,
             name_and_capabilities_match_plugin,

@@ -42,6 +42,42 @@ pub async fn unsubscribe_stops_delivery(ctx: &Ctx) -> CaseResult {
     CaseResult::Passed
 }
 
+/// A handler may unsubscribe its own subscription ("stop after the message I wanted"): the call
+/// returns promptly (it does not wait for the handler that makes it), and nothing more arrives.
+pub async fn unsubscribe_from_own_handler(ctx: &Ctx) -> CaseResult {
+    let broker = ctx.broker().await;
+    let topic = unique_topic("unsubscribe_from_handler");
+    let slot: Arc<tokio::sync::Mutex<Option<Box<dyn broker_core::Subscriber>>>> = Arc::default();
+    let (tx, mut got) = inbox::<std::result::Result<Duration, String>>("unsubscribe_from_own_handler");
+    let own = Arc::clone(&slot);
+    let handler = handler_fn(move |_event: Event| {
+        let (own, tx) = (Arc::clone(&own), tx.clone());
+        async move {
+            let started = std::time::Instant::now();
+            let outcome = match own.lock().await.as_ref() {
+                Some(sub) => match tokio::time::timeout(Duration::from_secs(5), sub.unsubscribe()).await {
+                    Ok(Ok(())) => Ok(started.elapsed()),
+                    Ok(Err(e)) => Err(format!("unsubscribe failed: {e}")),
+                    Err(_) => Err("unsubscribe from inside the handler did not return within 5 s".to_string()),
+                },
+                None => Err("the subscription handle was not stored yet".to_string()),
+            };
+            let _ = tx.send(outcome);
+            Ok(())
+        }
+    });
+    // The handle is stored before anything is published, so the handler always finds it.
+    let sub = subscribe(broker.as_ref(), &topic, handler, SubscribeOptions::new()).await;
+    *slot.lock().await = Some(sub);
+    publish(broker.as_ref(), &topic, Message::new("the one I wanted")).await;
+    let outcome = got.next("the handler's unsubscribe").await;
+    assert!(outcome.is_ok(), "{outcome:?}");
+    publish(broker.as_ref(), &topic, Message::new("after")).await;
+    got.assert_quiet(QUIET, "the handler unsubscribed itself").await;
+    finish(broker.as_ref(), vec![]).await;
+    CaseResult::Passed
+}
+
 /// Calling `unsubscribe()` again, and after `disconnect()`, returns `Ok` and does nothing.
 pub async fn unsubscribe_twice_is_harmless(ctx: &Ctx) -> CaseResult {
     let broker = ctx.broker().await;
