@@ -324,4 +324,40 @@ macro_rules! conformance_suite {
             $crate::__with_cases!(__case_tests!($backend, $factory));
         }
     };
+    // A suite that also needs another server (`service: "etcd"`): `$make_factory` takes that
+    // server's URL and returns the factory; without the URL every case is skipped (or fails
+    // where BROKER_TEST_REQUIRE asks for the service).
+    ($module:ident, $backend:expr, service: $service:expr, $make_factory:expr $(,)?) => {
+        mod $module {
+            #[allow(unused_imports)]
+            use super::*;
+            $crate::__with_cases!(__service_case_tests!($backend, $service, $make_factory));
+        }
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __service_case_tests {
+    ($backend:expr, $service:expr, $make_factory:expr ; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let backend: &str = $backend;
+                let service: &str = $service;
+                let Some(url) = $crate::servers::service_or_skip(service) else {
+                    $crate::print_skip(
+                        backend,
+                        stringify!($case),
+                        &format!("no {service} server (set {})", $crate::servers::env_var(service)),
+                    );
+                    return;
+                };
+                if let Some(ctx) = $crate::Ctx::prepare(backend, stringify!($case), ($make_factory)(url)).await {
+                    let result = $crate::$case(&ctx).await;
+                    $crate::report(&ctx, stringify!($case), result);
+                }
+            }
+        )*
+    };
 }

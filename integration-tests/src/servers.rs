@@ -93,6 +93,20 @@ pub fn required_from(lookup: &dyn Fn(&str) -> Option<String>, backend: &str) -> 
     })
 }
 
+/// The URL of a service a suite needs besides its backend's server (the http backend's etcd
+/// registry): `BROKER_TEST_<SERVICE>_URL`, or `None` to skip. Panics, naming the variable, when
+/// `BROKER_TEST_REQUIRE` asks for it (`all`, or a list naming the service) and it is unset.
+pub fn service_or_skip(service: &str) -> Option<String> {
+    match endpoint(service) {
+        Some(url) => Some(url),
+        None if required(service) => panic!(
+            "the {service} server is required ({ENV_REQUIRE} is set) but {} is not set",
+            env_var(service)
+        ),
+        None => None,
+    }
+}
+
 /// What [`discover`] found for a backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Server {
