@@ -33,6 +33,7 @@
 
 mod broker;
 mod capabilities;
+pub mod codec;
 mod error;
 mod event;
 pub mod memory;

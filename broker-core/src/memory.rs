@@ -194,6 +194,13 @@ fn checked_options(options: &BrokerOptions) -> Result<usize> {
     }
     let mut buffer = DEFAULT_BUFFER_SIZE;
     for (key, value) in &options.params {
+        if key == crate::codec::PARAM_ENVELOPE {
+            return Err(Error::unsupported(
+                NAME,
+                key,
+                "the in-process broker has no wire format; unset MICRO_BROKER_ENVELOPE for it",
+            ));
+        }
         if key != PARAM_BUFFER_SIZE {
             return Err(Error::unsupported(
                 NAME,

@@ -180,7 +180,8 @@ impl BrokerOptions {
         BrokerOptions::default()
     }
 
-    /// Reads `MICRO_BROKER_ADDRESS` (comma-separated) from the process environment.
+    /// Reads `MICRO_BROKER_ADDRESS` (comma-separated) and `MICRO_BROKER_ENVELOPE` (the broker
+    /// parameter `envelope`) from the process environment.
     pub fn from_env() -> Self {
         Self::from_lookup(|key| std::env::var(key).ok())
     }
@@ -188,7 +189,13 @@ impl BrokerOptions {
     /// Like [`from_env`](Self::from_env) with a custom variable lookup (for tests and embedding).
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Self {
         let addresses = lookup(ENV_BROKER_ADDRESS).map(|v| parse_addresses(&v)).unwrap_or_default();
-        BrokerOptions { addresses, ..BrokerOptions::default() }
+        let mut options = BrokerOptions { addresses, ..BrokerOptions::default() };
+        if let Some(envelope) =
+            lookup(crate::codec::ENV_ENVELOPE).map(|v| v.trim().to_string()).filter(|v| !v.is_empty())
+        {
+            options.params.insert(crate::codec::PARAM_ENVELOPE.to_string(), envelope);
+        }
+        options
     }
 
     /// Sets the addresses.
@@ -429,6 +436,8 @@ mod tests {
         assert_eq!(opts.addresses, vec!["nats://a:4222", "nats://b:4222"]);
         assert!(BrokerOptions::from_lookup(|_| None).addresses.is_empty());
         assert!(BrokerOptions::from_lookup(|_| Some("  ".into())).addresses.is_empty());
+        let enveloped = BrokerOptions::from_lookup(|k| (k == "MICRO_BROKER_ENVELOPE").then(|| "go-micro".to_string()));
+        assert_eq!(enveloped.params.get("envelope").map(String::as_str), Some("go-micro"));
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub enum OverflowPolicy {
 /// Every parameter this backend reads from [`BrokerOptions::params`], with its default.
 pub const PARAMS: &[(&str, &str)] = &[
     ("dialect", "legacy | current (default legacy: the article's Go Micro <= 1.12 format)"),
+    ("envelope", "go-micro only: Go Micro's JSON envelope is this backend's wire format (MICRO_BROKER_ENVELOPE)"),
     ("registry", "memory | local | etcd (default: MICRO_REGISTRY, else local)"),
     ("registry_address", "comma-separated registry addresses (default: MICRO_REGISTRY_ADDRESS)"),
     ("advertise_address", "host:port put in the registry (default: the bound address)"),
@@ -157,6 +158,17 @@ impl HttpConfig {
                     config.dialect = Dialect::parse(value).ok_or_else(|| bad_value(key, value, "legacy or current"))?
                 }
                 "registry" => config.registry = Some(value.to_string()),
+                // Go Micro's envelope is this backend's only wire format (MICRO_BROKER_ENVELOPE).
+                broker_core::codec::PARAM_ENVELOPE => match broker_core::codec::Envelope::parse(value)? {
+                    broker_core::codec::Envelope::GoMicro => {}
+                    broker_core::codec::Envelope::Native => {
+                        return Err(Error::unsupported(
+                            NAME,
+                            "envelope=native",
+                            "the HTTP broker's wire format is Go Micro's envelope; it has no other",
+                        ));
+                    }
+                },
                 "registry_address" => config.registry_addresses = broker_core::parse_addresses(value),
                 "advertise_address" => {
                     check_socket_address("advertise_address", value)?;

@@ -7,12 +7,8 @@
 
 use std::fmt;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
-use broker_core::{Headers, Message};
+use broker_core::{Message, codec};
 use bytes::Bytes;
-use serde::Deserialize;
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 
 /// The article's path (Go Micro ≤ 1.18 and the go-plugins HTTP broker).
 pub const LEGACY_PATH: &str = "/_sub";
@@ -73,55 +69,21 @@ impl fmt::Display for Dialect {
     }
 }
 
-/// Encodes `message` for `topic` as the JSON body of a delivery.
+/// Encodes `message` for `topic` as the JSON body of a delivery (Go Micro's envelope, with the
+/// dialect's topic header replacing any header of that name).
 pub fn encode(topic: &str, message: &Message, dialect: Dialect) -> Bytes {
     let topic_header = match dialect {
         Dialect::Legacy => LEGACY_TOPIC_HEADER,
         Dialect::Current => CURRENT_TOPIC_HEADER,
     };
-    // Serialize by hand: no copy of the header map, and the topic header overrides a caller's one.
-    let mut out = Vec::with_capacity(message.body.len() * 4 / 3 + 64 + 32 * message.headers.len());
-    out.extend_from_slice(b"{\"Header\":{");
-    let mut first = true;
-    for (key, value) in &message.headers {
-        if key == topic_header {
-            continue;
-        }
-        if !first {
-            out.push(b',');
-        }
-        first = false;
-        push_json_pair(&mut out, key, value);
-    }
-    if !first {
-        out.push(b',');
-    }
-    push_json_pair(&mut out, topic_header, topic);
-    out.extend_from_slice(b"},\"Body\":\"");
-    let start = out.len();
-    let encoded_len = base64::encoded_len(message.body.len(), true).unwrap_or(0);
-    out.resize(start + encoded_len, 0);
-    // The slice is exactly as long as the encoding needs, so this cannot fail.
-    let written = STANDARD.encode_slice(&message.body, &mut out[start..]).unwrap_or(0);
-    out.truncate(start + written);
-    out.extend_from_slice(b"\"}");
-    Bytes::from(out)
-}
-
-fn push_json_pair(out: &mut Vec<u8>, key: &str, value: &str) {
-    // serde_json writes a str as a JSON string; it cannot fail on a Vec.
-    let _ = serde_json::to_writer(&mut *out, key);
-    out.push(b':');
-    let _ = serde_json::to_writer(&mut *out, value);
+    codec::encode_envelope(message, Some((topic_header, topic)))
 }
 
 /// Why a delivery body was rejected (answered with 400).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DecodeError {
-    /// Not JSON of the envelope's shape.
-    Json(String),
-    /// `Body` is not base64.
-    Base64(String),
+    /// Not Go Micro's envelope: not JSON of its shape, or a body that is not base64.
+    Envelope(String),
     /// Neither `:topic` nor `Micro-Topic` names a topic.
     MissingTopic,
 }
@@ -129,11 +91,7 @@ pub enum DecodeError {
 impl fmt::Display for DecodeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            DecodeError::Json(e) => write!(
-                f,
-                "the body is not a Go Micro broker message (JSON {{\"Header\":{{…}},\"Body\":\"<base64>\"}}): {e}"
-            ),
-            DecodeError::Base64(e) => write!(f, "the \"Body\" field is not standard base64: {e}"),
+            DecodeError::Envelope(e) => f.write_str(e),
             DecodeError::MissingTopic => {
                 write!(f, "no topic: the header \":topic\" or \"Micro-Topic\" is missing or empty")
             }
@@ -152,66 +110,17 @@ pub struct Decoded {
     pub message: Message,
 }
 
-/// Decodes a delivery body of either dialect. Keys match case-insensitively, as Go's decoder does.
+/// Decodes a delivery body of either dialect.
 pub fn decode(body: &[u8]) -> Result<Decoded, DecodeError> {
-    let envelope: Envelope = serde_json::from_slice(body).map_err(|e| DecodeError::Json(e.to_string()))?;
-    let Some(envelope) = envelope.0 else {
-        return Err(DecodeError::Json("the body is JSON null".into()));
-    };
-    let mut headers = envelope.headers;
-    let topic = match headers.remove(LEGACY_TOPIC_HEADER) {
+    let mut message = codec::decode_envelope(body).map_err(|e| DecodeError::Envelope(e.message().to_string()))?;
+    let topic = match message.headers.remove(LEGACY_TOPIC_HEADER) {
         Some(topic) => topic,
-        None => headers.get(CURRENT_TOPIC_HEADER).cloned().unwrap_or_default(),
+        None => message.header(CURRENT_TOPIC_HEADER).unwrap_or_default().to_string(),
     };
     if topic.is_empty() {
         return Err(DecodeError::MissingTopic);
     }
-    let body = match envelope.body {
-        None => Bytes::new(),
-        Some(text) => STANDARD
-            .decode(text.as_bytes())
-            .or_else(|_| STANDARD_NO_PAD.decode(text.as_bytes()))
-            .map_err(|e| DecodeError::Base64(e.to_string()))?
-            .into(),
-    };
-    Ok(Decoded { topic, message: Message::with_headers(headers, body) })
-}
-
-struct EnvelopeFields {
-    headers: Headers,
-    body: Option<String>,
-}
-
-/// `null` or an object with `Header` and `Body` in any letter case.
-struct Envelope(Option<EnvelopeFields>);
-
-impl<'de> Deserialize<'de> for Envelope {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct EnvelopeVisitor;
-        impl<'de> Visitor<'de> for EnvelopeVisitor {
-            type Value = Envelope;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an object with \"Header\" and \"Body\"")
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Envelope, E> {
-                Ok(Envelope(None))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Envelope, A::Error> {
-                let mut fields = EnvelopeFields { headers: Headers::new(), body: None };
-                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                    if key.eq_ignore_ascii_case("header") {
-                        fields.headers = map.next_value::<Option<Headers>>()?.unwrap_or_default();
-                    } else if key.eq_ignore_ascii_case("body") {
-                        fields.body = map.next_value::<Option<String>>()?;
-                    } else {
-                        map.next_value::<IgnoredAny>()?;
-                    }
-                }
-                Ok(Envelope(Some(fields)))
-            }
-        }
-        deserializer.deserialize_any(EnvelopeVisitor)
-    }
+    Ok(Decoded { topic, message })
 }
 
 #[cfg(test)]
@@ -224,7 +133,7 @@ mod tests {
         let body = encode("user.registered", &msg, Dialect::Legacy);
         let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(json["Header"][":topic"], "user.registered");
-        assert_eq!(json["Body"], STANDARD.encode(b"\x00\xffhello"));
+        assert_eq!(json["Body"], "AP9oZWxsbw==");
         let decoded = decode(&body).unwrap();
         assert_eq!(decoded.topic, "user.registered");
         assert_eq!(decoded.message, msg);
@@ -255,11 +164,13 @@ mod tests {
 
     #[test]
     fn rejects_bad_bodies() {
-        assert!(matches!(decode(b"null"), Err(DecodeError::Json(_))));
-        assert!(matches!(decode(b"{not json"), Err(DecodeError::Json(_))));
-        assert!(matches!(decode(b"[1]"), Err(DecodeError::Json(_))));
-        assert!(matches!(decode(br#"{"Header":{"a":1}}"#), Err(DecodeError::Json(_))));
-        assert!(matches!(decode(br#"{"Header":{":topic":"t"},"Body":"!!"}"#), Err(DecodeError::Base64(_))));
+        assert!(matches!(decode(b"null"), Err(DecodeError::Envelope(_))));
+        assert!(matches!(decode(b"{not json"), Err(DecodeError::Envelope(_))));
+        assert!(matches!(decode(b"[1]"), Err(DecodeError::Envelope(_))));
+        assert!(matches!(decode(br#"{"Header":{"a":1}}"#), Err(DecodeError::Envelope(_))));
+        assert!(
+            matches!(decode(br#"{"Header":{":topic":"t"},"Body":"!!"}"#), Err(DecodeError::Envelope(e)) if e.contains("base64"))
+        );
         assert_eq!(decode(br#"{"Header":{},"Body":""}"#), Err(DecodeError::MissingTopic));
         assert_eq!(decode(br#"{"Header":{":topic":""}}"#), Err(DecodeError::MissingTopic));
     }

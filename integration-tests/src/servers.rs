@@ -99,10 +99,9 @@ pub fn required_from(lookup: &dyn Fn(&str) -> Option<String>, backend: &str) -> 
 pub fn service_or_skip(service: &str) -> Option<String> {
     match endpoint(service) {
         Some(url) => Some(url),
-        None if required(service) => panic!(
-            "the {service} server is required ({ENV_REQUIRE} is set) but {} is not set",
-            env_var(service)
-        ),
+        None if required(service) => {
+            panic!("the {service} server is required ({ENV_REQUIRE} is set) but {} is not set", env_var(service))
+        }
         None => None,
     }
 }
