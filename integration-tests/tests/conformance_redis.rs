@@ -1,0 +1,1 @@
+//! The conformance suite over the Redis backends (Pub/Sub and Streams): written with the backend.
