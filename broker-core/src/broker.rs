@@ -233,23 +233,7 @@ impl<B: Broker + ?Sized> BrokerExt for B {}
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Acknowledger, Settlement};
-    use std::sync::Mutex;
-
-    #[derive(Default, Clone)]
-    struct Recorder(Arc<Mutex<Vec<String>>>);
-
-    #[async_trait]
-    impl Acknowledger for Recorder {
-        async fn ack(&self) -> Result<()> {
-            self.0.lock().unwrap().push("ack".into());
-            Ok(())
-        }
-        async fn nack(&self, reason: &str) -> Result<()> {
-            self.0.lock().unwrap().push(format!("nack: {reason}"));
-            Ok(())
-        }
-    }
+    use crate::event::{Recorder, Settlement};
 
     fn event(rec: &Recorder) -> Event {
         Event::builder("t", Message::new("x")).acknowledger(rec.clone()).build()

@@ -195,25 +195,27 @@ impl fmt::Debug for EventBuilder {
     }
 }
 
+/// An acknowledger that records what it was asked, for the unit tests of this crate.
+#[cfg(test)]
+#[derive(Default, Clone)]
+pub(crate) struct Recorder(pub(crate) Arc<std::sync::Mutex<Vec<String>>>);
+
+#[cfg(test)]
+#[async_trait]
+impl Acknowledger for Recorder {
+    async fn ack(&self) -> Result<()> {
+        self.0.lock().unwrap().push("ack".into());
+        Ok(())
+    }
+    async fn nack(&self, reason: &str) -> Result<()> {
+        self.0.lock().unwrap().push(format!("nack: {reason}"));
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
-
-    #[derive(Default, Clone)]
-    struct Recorder(Arc<Mutex<Vec<String>>>);
-
-    #[async_trait]
-    impl Acknowledger for Recorder {
-        async fn ack(&self) -> Result<()> {
-            self.0.lock().unwrap().push("ack".into());
-            Ok(())
-        }
-        async fn nack(&self, reason: &str) -> Result<()> {
-            self.0.lock().unwrap().push(format!("nack: {reason}"));
-            Ok(())
-        }
-    }
 
     #[tokio::test]
     async fn first_settlement_wins() {
