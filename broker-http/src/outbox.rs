@@ -381,6 +381,12 @@ impl Outbox {
         let mut next_due: Option<Instant> = None;
         let mut kept = VecDeque::with_capacity(inbox.entries.len());
         for pending in inbox.entries.drain(..) {
+            // A round takes at most max_in_flight messages, so that what waits for a delivery slot
+            // stays counted in the inbox's bounds.
+            if ready.len() >= self.config.max_in_flight {
+                kept.push_back(pending);
+                continue;
+            }
             if let Some(due) = pending.not_before.filter(|due| *due > now) {
                 next_due = Some(next_due.map_or(due, |d| d.min(due)));
                 kept.push_back(pending);
