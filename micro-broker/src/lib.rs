@@ -115,14 +115,17 @@ use broker_http as _;
 // use broker_rabbitmq as _;
 // #[cfg(feature = "kafka")]
 // use broker_kafka as _;
-// #[cfg(feature = "redis")]
-// use broker_redis as _;
+#[cfg(feature = "redis")]
+use broker_redis as _;
 
 /// The `http` backend's crate ([`broker_http`](https://docs.rs/broker-http)): [`http::HttpBroker`]
 /// with its parameters, statistics and confirmed publish, for programs that want more than the
 /// [`Broker`] contract. Linked by the feature `http` (a default feature).
 #[cfg(feature = "http")]
 pub use broker_http as http;
+/// The Redis backends' crate (plugins `redis` and `redis-streams`).
+#[cfg(feature = "redis")]
+pub use broker_redis as redis;
 
 /// The README's examples, compiled and run as doctests so that they match the real API. They
 /// use `from_env()`, whose default backend is `http`: only with the feature that links it.
