@@ -36,6 +36,7 @@ mod capabilities;
 pub mod codec;
 mod error;
 mod event;
+pub mod layers;
 pub mod memory;
 mod message;
 mod options;
@@ -47,6 +48,7 @@ pub use broker::{
 pub use capabilities::Capabilities;
 pub use error::{BoxError, Error, ErrorKind, Result};
 pub use event::{Acknowledger, Event, EventBuilder, Settlement};
+pub use layers::{BrokerLayerExt, CodecExt, Layer};
 pub use memory::MemoryBroker;
 pub use message::{Headers, JSON_CONTENT_TYPE, Message, headers};
 pub use options::{

@@ -12,7 +12,7 @@
 //!   `nack()`, or an event dropped unsettled with auto-ack off) is delivered again after a short
 //!   backoff (10 ms doubling to 1 s), to any member of a queue group. After `max_redeliveries`
 //!   redeliveries it is published to `<topic>.dlq` with the headers of
-//!   [`headers`](crate::headers) saying why; if nobody subscribes there it is counted in
+//!   [`crate::headers`] saying why; if nobody subscribes there it is counted in
 //!   [`MemoryBroker::dropped`] and logged.
 //! - **Concurrency**: at most [`SubscribeOptions::concurrency`] handlers of a subscription run at once.
 //! - **Drain**: `disconnect()` waits until every buffered and in-flight message is settled (bounded

@@ -45,6 +45,7 @@
 //! | connection | [`disconnect_drains_in_flight_handler`], [`publish_after_disconnect_fails`], [`not_connected_before_connect`], [`connect_twice_is_harmless`], [`reconnect_after_disconnect`], [`init_only_while_disconnected`], [`name_and_capabilities_match_plugin`] |
 //! | validation | [`invalid_topics_are_rejected`], [`unsupported_options_are_rejected`], [`delayed_delivery_waits`], [`late_subscriber_reads_old_messages`], [`backlog_reaches_first_subscriber`] |
 //! | typed | [`typed_json_round_trip`], [`typed_json_rejects_garbage`] |
+//! | layers (`broker_core::layers` over the backend) | [`retry_layer_dead_letters_after_bound`], [`retry_layer_handles_once_after_failures`], [`tracing_layer_propagates_trace_context`], [`concurrency_layer_limits_handlers`] |
 
 #![deny(missing_docs)]
 
@@ -271,6 +272,10 @@ macro_rules! __with_cases {
             typed_json_rejects_garbage,
             name_and_capabilities_match_plugin,
             init_only_while_disconnected,
+            retry_layer_dead_letters_after_bound,
+            retry_layer_handles_once_after_failures,
+            tracing_layer_propagates_trace_context,
+            concurrency_layer_limits_handlers,
         }
     };
 }

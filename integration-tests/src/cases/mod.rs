@@ -4,6 +4,7 @@
 
 mod delivery;
 mod fanout;
+mod layers;
 mod lifecycle;
 mod redelivery;
 mod typed;
@@ -11,6 +12,7 @@ mod validation;
 
 pub use delivery::*;
 pub use fanout::*;
+pub use layers::*;
 pub use lifecycle::*;
 pub use redelivery::*;
 pub use typed::*;
