@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use broker_core::layers::metrics::{INBOX_DROPPED, LABEL_BACKEND, LABEL_TOPIC};
 use broker_core::{Error, ErrorKind, Message, Result};
 use broker_registry::{Cache, Node};
 use bytes::Bytes;
@@ -263,7 +264,7 @@ impl Outbox {
                 Some(old) => {
                     inbox.bytes -= old.body.len();
                     *total_bytes -= old.body.len();
-                    self.counters.inbox_dropped.fetch_add(1, Ordering::Relaxed);
+                    self.count_inbox_drops(topic, 1);
                     old.give_up(topic, "dropped from the full inbox (policy drop_oldest)");
                     tracing::warn!(topic, "http broker: inbox full, dropped the oldest message");
                 }
@@ -284,7 +285,7 @@ impl Outbox {
                     if fresh {
                         return Err(Error::new(ErrorKind::Overflow, why));
                     }
-                    self.counters.inbox_dropped.fetch_add(1, Ordering::Relaxed);
+                    self.count_inbox_drops(topic, 1);
                     pending.give_up(topic, &why);
                     tracing::warn!(topic, "http broker: {why}; a retry was dropped");
                     return Ok(());
@@ -409,7 +410,7 @@ impl Outbox {
                 if draining {
                     inbox.bytes -= pending.body.len();
                     *total_bytes -= pending.body.len();
-                    self.counters.inbox_dropped.fetch_add(1, Ordering::Relaxed);
+                    self.count_inbox_drops(topic, 1);
                     pending.give_up(topic, "discarded at disconnect: no subscriber appeared");
                     tracing::warn!(topic, "http broker: disconnect discarded a message that no subscriber took");
                 } else {
@@ -615,6 +616,13 @@ impl Outbox {
         }
     }
 
+    /// Counts messages dropped from the inbox: in [`HttpStats`](crate::HttpStats) and as the
+    /// `broker_inbox_dropped_total` metric.
+    fn count_inbox_drops(&self, topic: &str, n: u64) {
+        self.counters.inbox_dropped.fetch_add(n, Ordering::Relaxed);
+        metrics::counter!(INBOX_DROPPED, LABEL_BACKEND => crate::NAME, LABEL_TOPIC => topic.to_string()).increment(n);
+    }
+
     /// Delivers what can be delivered until `deadline`; then discards the rest, counted.
     pub(crate) async fn drain(&self, deadline: Instant) -> Result<()> {
         self.draining.store(true, Ordering::Release);
@@ -639,12 +647,12 @@ impl Outbox {
         let mut state = lock(&self.state);
         let left: usize = state.topics.values().map(|t| t.entries.len()).sum();
         for (topic, inbox) in state.topics.drain() {
+            self.count_inbox_drops(&topic, inbox.entries.len() as u64);
             for pending in inbox.entries {
                 pending.give_up(&topic, "discarded at disconnect: the drain timeout ended");
             }
         }
         state.total_bytes = 0;
-        self.counters.inbox_dropped.fetch_add(left as u64, Ordering::Relaxed);
         Err(Error::new(
             ErrorKind::Timeout,
             format!("{left} messages were still waiting for delivery at the drain deadline and were discarded"),

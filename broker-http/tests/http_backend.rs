@@ -503,3 +503,41 @@ async fn legacy_registry_layout_is_go_micros() {
     assert!(registry.get_service(&format!("topic:{topic}")).await.unwrap().iter().all(|s| s.nodes.is_empty()));
     broker.disconnect().await.unwrap();
 }
+
+/// Drops from the inbox are a metric too (`broker_inbox_dropped_total`, labelled by backend and
+/// topic), read here through a recorder.
+#[test]
+fn inbox_drops_are_a_metric() {
+    use broker_core::layers::metrics::INBOX_DROPPED;
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let topic = unique("metric");
+    metrics::with_local_recorder(&recorder, || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let registry = registry();
+            let broker =
+                broker_with(&registry, &[("inbox_max_messages", "2"), ("inbox_overflow", "drop_oldest")]).await;
+            for i in 0..5 {
+                broker.publish(&topic, Message::new(format!("{i}")), PublishOptions::new()).await.unwrap();
+            }
+            assert_eq!(broker.stats().inbox_dropped, 3);
+            broker.disconnect().await.unwrap();
+        });
+    });
+    let dropped: u64 = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(key, ..)| {
+            key.key().name() == INBOX_DROPPED && key.key().labels().any(|l| l.key() == "topic" && l.value() == topic)
+        })
+        .map(|(.., value)| match value {
+            DebugValue::Counter(n) => n,
+            _ => 0,
+        })
+        .sum();
+    // 3 dropped by the policy, 2 discarded at disconnect (nobody subscribed).
+    assert_eq!(dropped, 5);
+}

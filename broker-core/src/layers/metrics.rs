@@ -63,6 +63,9 @@ pub const NACKED: &str = "broker_nacked_total";
 pub const HANDLER_DURATION: &str = "broker_handler_duration_seconds";
 /// Counter: messages the retry layer dead-lettered.
 pub const DEAD_LETTERED: &str = "broker_dead_lettered_total";
+/// Counter: messages a backend dropped from its own buffer (the HTTP backend's inbox, when full
+/// with policy `drop_oldest`, or discarded at disconnect); recorded by the backend itself.
+pub const INBOX_DROPPED: &str = "broker_inbox_dropped_total";
 /// The label holding the broker's name.
 pub const LABEL_BACKEND: &str = "backend";
 /// The label holding the topic.
@@ -72,6 +75,7 @@ pub const LABEL_TOPIC: &str = "topic";
 pub fn describe() {
     use metrics::{Unit, describe_counter, describe_histogram};
     describe_counter!(PUBLISHED, Unit::Count, "messages published successfully");
+    describe_counter!(INBOX_DROPPED, Unit::Count, "messages a backend dropped from its own buffer");
     describe_counter!(PUBLISH_ERRORS, Unit::Count, "publishes that failed");
     describe_histogram!(PUBLISH_DURATION, Unit::Seconds, "how long a publish took");
     describe_counter!(DELIVERED, Unit::Count, "deliveries handed to a handler");
