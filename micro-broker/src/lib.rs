@@ -109,8 +109,8 @@ pub use broker_core::*;
 // Backend crates are linked here, one line each, under their cargo feature (see the crate docs):
 #[cfg(feature = "http")]
 use broker_http as _;
-// #[cfg(feature = "nats")]
-// use broker_nats as _;
+#[cfg(feature = "nats")]
+use broker_nats as _;
 // #[cfg(feature = "rabbitmq")]
 // use broker_rabbitmq as _;
 // #[cfg(feature = "kafka")]
@@ -123,6 +123,9 @@ use broker_redis as _;
 /// [`Broker`] contract. Linked by the feature `http` (a default feature).
 #[cfg(feature = "http")]
 pub use broker_http as http;
+/// The NATS backend's crate (plugin `nats`: core NATS, or JetStream with `jetstream=true`).
+#[cfg(feature = "nats")]
+pub use broker_nats as nats;
 /// The Redis backends' crate (plugins `redis` and `redis-streams`).
 #[cfg(feature = "redis")]
 pub use broker_redis as redis;
