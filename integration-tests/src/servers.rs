@@ -249,7 +249,10 @@ mod containers {
             runtime.block_on(async move {
                 match family_owned.as_str() {
                     "nats" => {
-                        let image = nats::Nats::default().with_label(LABEL, "nats");
+                        // JetStream on, for the nats_jetstream suite.
+                        let image = nats::Nats::default()
+                            .with_cmd(&nats::NatsServerCmd::default().with_jetstream())
+                            .with_label(LABEL, "nats");
                         hold(image, 4222, |host, port| format!("nats://{host}:{port}"), tx).await;
                     }
                     "redis" => {
