@@ -111,8 +111,8 @@ pub use broker_core::*;
 use broker_http as _;
 #[cfg(feature = "nats")]
 use broker_nats as _;
-// #[cfg(feature = "rabbitmq")]
-// use broker_rabbitmq as _;
+#[cfg(feature = "rabbitmq")]
+use broker_rabbitmq as _;
 // #[cfg(feature = "kafka")]
 // use broker_kafka as _;
 #[cfg(feature = "redis")]
@@ -126,6 +126,9 @@ pub use broker_http as http;
 /// The NATS backend's crate (plugin `nats`: core NATS, or JetStream with `jetstream=true`).
 #[cfg(feature = "nats")]
 pub use broker_nats as nats;
+/// The RabbitMQ backend's crate (plugin `rabbitmq`).
+#[cfg(feature = "rabbitmq")]
+pub use broker_rabbitmq as rabbitmq;
 /// The Redis backends' crate (plugins `redis` and `redis-streams`).
 #[cfg(feature = "redis")]
 pub use broker_redis as redis;
