@@ -40,6 +40,7 @@ pub mod layers;
 pub mod memory;
 mod message;
 mod options;
+pub mod params;
 mod plugin;
 
 pub use broker::{

@@ -208,14 +208,7 @@ fn checked_options(options: &BrokerOptions) -> Result<usize> {
                 &format!("the only parameter of the memory backend is `{PARAM_BUFFER_SIZE}`"),
             ));
         }
-        buffer = match value.parse::<usize>() {
-            Ok(n) if n > 0 => n,
-            _ => {
-                return Err(Error::invalid_input(format!(
-                    "parameter `{PARAM_BUFFER_SIZE}` must be a whole number of at least 1, got {value:?}"
-                )));
-            }
-        };
+        buffer = crate::params::positive(key, value)?;
     }
     Ok(buffer)
 }

@@ -5,6 +5,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use broker_core::params::{bad_value, positive};
 use broker_core::{BrokerOptions, Error, Result, TlsOptions};
 
 use crate::NAME;
@@ -181,9 +182,9 @@ impl HttpConfig {
                     config.secret = Some(value.to_string());
                 }
                 "max_body_bytes" => config.max_body_bytes = positive(key, value)?,
-                "request_timeout_ms" => config.request_timeout = Duration::from_millis(positive(key, value)? as u64),
+                "request_timeout_ms" => config.request_timeout = Duration::from_millis(positive(key, value)?),
                 "max_in_flight" => config.max_in_flight = positive(key, value)?,
-                "max_attempts" => config.max_attempts = positive(key, value)?.min(u32::MAX as usize) as u32,
+                "max_attempts" => config.max_attempts = positive(key, value)?,
                 "inbox_max_messages" => config.inbox_max_messages = positive(key, value)?,
                 "inbox_max_bytes" => config.inbox_max_bytes = positive(key, value)?,
                 "inbox_total_bytes" => config.inbox_total_bytes = positive(key, value)?,
@@ -194,10 +195,8 @@ impl HttpConfig {
                         _ => return Err(bad_value(key, value, "reject or drop_oldest")),
                     }
                 }
-                "register_ttl_ms" => config.register_ttl = Duration::from_millis(positive(key, value)? as u64),
-                "register_interval_ms" => {
-                    config.register_interval = Duration::from_millis(positive(key, value)? as u64)
-                }
+                "register_ttl_ms" => config.register_ttl = Duration::from_millis(positive(key, value)?),
+                "register_interval_ms" => config.register_interval = Duration::from_millis(positive(key, value)?),
                 unknown => {
                     let known: Vec<&str> = PARAMS.iter().map(|(k, _)| *k).collect();
                     return Err(Error::unsupported(
@@ -223,17 +222,6 @@ fn check_socket_address(what: &str, value: &str) -> Result<()> {
         .parse::<SocketAddr>()
         .map(|_| ())
         .map_err(|e| Error::invalid_input(format!("{what} {value:?} is not an IP:port address like 127.0.0.1:0 ({e})")))
-}
-
-fn positive(key: &str, value: &str) -> Result<usize> {
-    match value.parse::<usize>() {
-        Ok(n) if n > 0 => Ok(n),
-        _ => Err(bad_value(key, value, "a whole number of at least 1")),
-    }
-}
-
-fn bad_value(key: &str, value: &str, expected: &str) -> Error {
-    Error::invalid_input(format!("parameter `{key}` = {value:?}: expected {expected}"))
 }
 
 #[cfg(test)]

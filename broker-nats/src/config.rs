@@ -4,6 +4,7 @@ use std::fmt;
 use std::time::Duration;
 
 use broker_core::codec::{Envelope, PARAM_ENVELOPE};
+use broker_core::params::{bad_value, boolean as parse_bool, non_empty};
 use broker_core::{BrokerOptions, Error, Result, TlsOptions};
 
 use crate::NAME;
@@ -227,30 +228,9 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn parse_bool(key: &str, value: &str) -> Result<bool> {
-    match value.to_ascii_lowercase().as_str() {
-        "true" | "1" | "yes" | "on" => Ok(true),
-        "false" | "0" | "no" | "off" => Ok(false),
-        _ => Err(bad_value(key, value, "true or false")),
-    }
-}
-
-fn non_empty(key: &str, value: &str) -> Result<String> {
-    if value.is_empty() {
-        return Err(Error::invalid_input(format!("parameter `{key}` must not be empty")));
-    }
-    Ok(value.to_string())
-}
-
+/// A whole number from 1 to `i64::MAX` (what the server's JetStream limits take).
 fn positive(key: &str, value: &str) -> Result<u64> {
-    match value.parse::<u64>() {
-        Ok(n) if n > 0 && n <= i64::MAX as u64 => Ok(n),
-        _ => Err(bad_value(key, value, "a whole number of at least 1")),
-    }
-}
-
-fn bad_value(key: &str, value: &str, expected: &str) -> Error {
-    Error::invalid_input(format!("parameter `{key}` = {value:?}: expected {expected}"))
+    broker_core::params::positive::<i64>(key, value).map(|n| n.unsigned_abs())
 }
 
 #[cfg(test)]

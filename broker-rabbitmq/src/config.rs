@@ -4,6 +4,7 @@ use std::fmt;
 use std::time::Duration;
 
 use broker_core::codec::{Envelope, PARAM_ENVELOPE};
+use broker_core::params::{bad_value, boolean as parse_bool, non_empty};
 use broker_core::{BrokerOptions, Error, Result};
 use lapin::uri::{AMQPScheme, AMQPUri};
 
@@ -182,25 +183,6 @@ pub(crate) fn parse_uri(address: &str) -> Result<AMQPUri> {
         uri.query.heartbeat = Some(DEFAULT_HEARTBEAT_SECS);
     }
     Ok(uri)
-}
-
-fn bad_value(key: &str, value: &str, expected: &str) -> Error {
-    Error::invalid_input(format!("parameter `{key}` = {value:?} is not valid: expected {expected}"))
-}
-
-fn non_empty(key: &str, value: &str) -> Result<String> {
-    if value.is_empty() {
-        return Err(bad_value(key, value, "a non-empty value"));
-    }
-    Ok(value.to_string())
-}
-
-fn parse_bool(key: &str, value: &str) -> Result<bool> {
-    match value.to_ascii_lowercase().as_str() {
-        "true" | "1" | "yes" | "on" => Ok(true),
-        "false" | "0" | "no" | "off" => Ok(false),
-        _ => Err(bad_value(key, value, "true or false")),
-    }
 }
 
 #[cfg(test)]

@@ -80,9 +80,7 @@ impl RedisConfig {
         let number = |key: &str, default: u64| -> Result<u64> {
             match options.params.get(key) {
                 None => Ok(default),
-                Some(v) => v.trim().parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| {
-                    Error::invalid_input(format!("redis parameter {key}={v:?}: expected a positive integer"))
-                }),
+                Some(v) => broker_core::params::positive(key, v),
             }
         };
         let config = RedisConfig {
