@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use micro_broker::http::HttpBroker;
 use micro_broker::{Broker, BrokerOptions, ENV_BROKER, ENV_BROKER_ADDRESS};
 
-use crate::commands::{list::ListArgs, publish::PubArgs, subscribe::SubArgs};
+use crate::commands::{bench::BenchArgs, list::ListArgs, publish::PubArgs, subscribe::SubArgs};
 use crate::demo::DemoArgs;
 use crate::error::CliError;
 
@@ -43,6 +43,8 @@ pub(crate) enum Command {
     /// Run the demo: a user service publishes `user.registered` events, an email service in a
     /// second process welcomes each user (one process over the memory backend).
     Demo(DemoArgs),
+    /// Measure a backend: throughput, latency, memory, loss; with --baseline, against its raw client.
+    Bench(BenchArgs),
 }
 
 /// A broker and, for the http backend, the same broker as an [`HttpBroker`] (for its counters).

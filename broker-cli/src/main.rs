@@ -39,6 +39,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Pub(args) => commands::publish::run(&cli.broker, args),
         Command::Sub(args) => commands::subscribe::run(&cli.broker, args),
         Command::Demo(args) => demo::run(&cli.broker, args),
+        Command::Bench(args) => commands::bench::run(&cli.broker, args),
     }
 }
 

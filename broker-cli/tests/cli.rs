@@ -203,7 +203,8 @@ fn unknown_backend_fails_and_lists_the_linked_ones() {
     let run = broker(&["pub", "t", "x"], &[("MICRO_BROKER", "nosuch")], None);
     assert_eq!(run.code(), Some(1), "{run:#?}");
     let line = run.error_line();
-    assert!(line.contains("\"nosuch\"") && line.contains("linked backends: http, memory"), "{line}");
+    let linked = linked_backends().join(", ");
+    assert!(line.contains("\"nosuch\"") && line.contains(&format!("linked backends: {linked}")), "{line}");
 
     // The flag does the same, and wins over the environment.
     let run = broker(&["--broker", "nosuch", "sub", "t"], &[("MICRO_BROKER", "memory")], None);
@@ -227,20 +228,6 @@ fn known_but_unlinked_backend_names_the_feature_that_links_it() {
 }
 
 #[test]
-fn nats_is_not_linked_yet() {
-    // Until a backend crate for nats exists, the message points at the facade feature.
-    if linked_backends().iter().any(|name| name == "nats") {
-        eprintln!("SKIP nats_is_not_linked_yet: nats is linked into this build");
-        return;
-    }
-    for args in [&["sub", "t", "--timeout", "1"][..], &["pub", "t", "x"][..], &["demo"][..]] {
-        let run = broker(args, &[("MICRO_BROKER", "nats")], None);
-        assert_eq!(run.code(), Some(1), "{run:#?}");
-        assert!(run.error_line().contains("feature \"nats\""), "{run:#?}");
-    }
-}
-
-#[test]
 fn header_without_equals_is_a_usage_error() {
     let run = broker(&["pub", "t", "x", "-H", "no-equals-sign"], &[], None);
     assert_eq!(run.code(), Some(2), "{run:#?}");
@@ -254,8 +241,10 @@ fn sub_with_nothing_published_times_out_quickly() {
     assert_eq!(run.code(), Some(3), "{run:#?}");
     assert!(run.elapsed < Duration::from_secs(5), "took {:?}", run.elapsed);
     assert!(run.stdout.is_empty(), "{run:#?}");
-    let line = run.error_line();
-    assert!(line.contains("timed out after 1s") && line.contains("received 0 messages"), "{line}");
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    assert_eq!(lines.len(), 2, "the subscription, then the error: {run:#?}");
+    assert!(lines[0].starts_with("broker: subscribed to \"nobody.publishes.here\" over memory"), "{run:#?}");
+    assert!(lines[1].contains("timed out after 1s") && lines[1].contains("received 0 messages"), "{run:#?}");
 }
 
 #[test]
@@ -426,4 +415,53 @@ fn the_email_service_role_is_hidden() {
     let run = broker(&["demo", "--help"], &[], None);
     assert!(run.status.success(), "{run:#?}");
     assert!(!run.stdout.contains("--role") && !run.stdout.contains("--run-id"), "{}", run.stdout);
+}
+
+/// The server backends linked into this binary, with their test server's URL from
+/// `BROKER_TEST_<BACKEND>_URL` (`redis-streams` uses Redis's). A linked backend without one is
+/// skipped, or fails the test when `BROKER_TEST_REQUIRE=all` (as in CI).
+fn linked_server_backends(test: &str) -> Vec<(String, String)> {
+    let require_all = std::env::var("BROKER_TEST_REQUIRE").is_ok_and(|v| v.split(',').any(|i| i.trim() == "all"));
+    let mut found = Vec::new();
+    for name in linked_backends() {
+        let family = if name == "redis-streams" { "redis" } else { name.as_str() };
+        if matches!(family, "memory" | "http") {
+            continue;
+        }
+        let var = format!("BROKER_TEST_{}_URL", family.to_ascii_uppercase());
+        match std::env::var(&var).ok().filter(|v| !v.trim().is_empty()) {
+            Some(url) => found.push((name, url)),
+            None if require_all => panic!("{test}: {name} is linked and BROKER_TEST_REQUIRE=all, but {var} is not set"),
+            None => eprintln!("SKIP {test} over {name}: {var} is not set"),
+        }
+    }
+    found
+}
+
+#[test]
+fn pub_sub_and_demo_over_every_linked_server_backend() {
+    for (name, url) in linked_server_backends("pub_sub_and_demo_over_every_linked_server_backend") {
+        let env = [("MICRO_BROKER", name.as_str()), ("MICRO_BROKER_ADDRESS", url.as_str())];
+        let topic = unique_topic(&format!("server-{name}"));
+        let mut sub = Background::start(&["sub", &topic, "--count", "2", "--timeout", "40"], &env);
+        let line = sub.stderr_line(Duration::from_secs(40));
+        assert!(line.starts_with(&format!("broker: subscribed to \"{topic}\" ")), "{name}: {line}");
+        assert!(!line.contains("guest:guest"), "{name}: the password is hidden: {line}");
+
+        let run = broker(&["pub", &topic, "hello", "-H", "trace=abc", "-n", "2"], &env, None);
+        assert_eq!(run.code(), Some(0), "{name}: {run:#?}");
+        let (status, stdout, stderr) = sub.finish();
+        assert!(status.success(), "{name}: {status:?} {stdout} {stderr:?}");
+        let expected = format!(r#"{{"topic":"{topic}","headers":{{"trace":"abc"}},"body":"hello"}}"#);
+        assert_eq!(stdout, format!("{expected}\n{expected}\n"), "{name}: {stderr:?}");
+
+        let run = broker(&["demo", "--timeout", "30"], &env, None);
+        assert_eq!(run.code(), Some(0), "{name}: {run:#?}");
+        assert!(
+            run.stdout.lines().last().is_some_and(|l| l.ends_with("all 10 users welcomed exactly once")),
+            "{name}: {run:#?}"
+        );
+        assert_welcomed_once_each(&run, 10);
+        eprintln!("pub/sub and demo over {name}: ok");
+    }
 }

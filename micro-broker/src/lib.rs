@@ -41,21 +41,22 @@
 //!
 //! ## Backends and cargo features
 //!
-//! | `MICRO_BROKER` | cargo feature | crate | status |
+//! | `MICRO_BROKER` | cargo feature | crate | what |
 //! |---|---|---|---|
-//! | `memory` | none: always linked | `broker-core` | available (in-process only) |
-//! | `http` | `http` (default) | `broker-http` | available: peer-to-peer HTTP, no server; [`http`] |
-//! | `nats` | `nats` | `broker-nats` | planned |
-//! | `rabbitmq` | `rabbitmq` | `broker-rabbitmq` | planned |
-//! | `kafka` | `kafka` | `broker-kafka` | planned |
-//! | `redis`, `redis-streams` | `redis` | `broker-redis` | planned |
+//! | `memory` | none: always linked | `broker-core` | in-process only |
+//! | `http` | `http` (default) | `broker-http` | peer-to-peer HTTP, no server; [`http`] |
+//! | `nats` | `nats` | `broker-nats` | core NATS, or JetStream with `jetstream=true` |
+//! | `rabbitmq` | `rabbitmq` | `broker-rabbitmq` | AMQP 0.9.1, Go Micro's exchange layout |
+//! | `kafka` | `kafka` (`kafka-ssl` adds TLS) | `broker-kafka` | rdkafka with a bundled librdkafka |
+//! | `redis`, `redis-streams` | `redis` | `broker-redis` | Pub/Sub, or Streams with groups |
 //!
 //! The default feature is `http`, Go Micro's default backend, which needs no server: with no
-//! `MICRO_BROKER` set, [`from_env`] builds it. The feature `all` links every backend this version
-//! provides (today: `http`). The feature `etcd` adds the etcd registry to the http backend
-//! (`MICRO_REGISTRY=etcd`); it needs `protoc` at build time, so it is in neither `default` nor
-//! `all`. The other per-backend features arrive with their crates. [`available`] lists what a
-//! program really linked, and [`KNOWN_BACKENDS`] every backend of the project.
+//! `MICRO_BROKER` set, [`from_env`] builds it. The feature `all` links every backend that builds
+//! quickly with cargo alone (`http`, `nats`, `rabbitmq`, `redis`). Two features are in neither
+//! `default` nor `all` because of what they build: `etcd` adds the etcd registry to the http
+//! backend (`MICRO_REGISTRY=etcd`) and needs `protoc`; `kafka` compiles librdkafka's C code (a
+//! few minutes). [`available`] lists what a program really linked, and [`KNOWN_BACKENDS`] every
+//! backend of the project.
 //!
 //! The http backend finds subscribers through a registry, chosen with `MICRO_REGISTRY`
 //! (`memory`: one process; `local`, the default: lease files, every process of one user on one
@@ -109,12 +110,12 @@ pub use broker_core::*;
 // Backend crates are linked here, one line each, under their cargo feature (see the crate docs):
 #[cfg(feature = "http")]
 use broker_http as _;
+#[cfg(feature = "kafka")]
+use broker_kafka as _;
 #[cfg(feature = "nats")]
 use broker_nats as _;
 #[cfg(feature = "rabbitmq")]
 use broker_rabbitmq as _;
-// #[cfg(feature = "kafka")]
-// use broker_kafka as _;
 #[cfg(feature = "redis")]
 use broker_redis as _;
 
@@ -123,6 +124,9 @@ use broker_redis as _;
 /// [`Broker`] contract. Linked by the feature `http` (a default feature).
 #[cfg(feature = "http")]
 pub use broker_http as http;
+/// The Kafka backend's crate (plugin `kafka`).
+#[cfg(feature = "kafka")]
+pub use broker_kafka as kafka;
 /// The NATS backend's crate (plugin `nats`: core NATS, or JetStream with `jetstream=true`).
 #[cfg(feature = "nats")]
 pub use broker_nats as nats;

@@ -77,9 +77,8 @@ async fn subscribe_and_print(
         options = options.with_queue(queue.as_str());
     }
     let subscription = broker.subscribe(&args.topic, handler, options).await?;
-    if let Some(line) = announcement(subscription.as_ref(), broker) {
-        eprintln!("{line}");
-    }
+    // Tells the user (and scripts waiting for it) that messages published from now on arrive.
+    eprintln!("{}", announcement(subscription.as_ref(), broker));
 
     let deadline = async {
         match args.timeout {
@@ -109,16 +108,23 @@ async fn subscribe_and_print(
     Ok(unsubscribed?)
 }
 
-/// The line saying which backend identity the subscription has and where the broker listens,
-/// for backends whose subscriptions have one (the http backend's registry node id).
-fn announcement(subscription: &dyn Subscriber, broker: &dyn Broker) -> Option<String> {
-    let id = subscription.id()?;
+/// The line saying that the subscription is in place (see [`whereabouts`]).
+fn announcement(subscription: &dyn Subscriber, broker: &dyn Broker) -> String {
+    format!("broker: subscribed to {:?}{}", subscription.topic(), whereabouts(subscription, broker))
+}
+
+/// Where a subscription receives: ` (queue Q)`, then over http its registry node id and the
+/// address the broker listens on, over a server backend the backend and its server (password
+/// hidden).
+pub(crate) fn whereabouts(subscription: &dyn Subscriber, broker: &dyn Broker) -> String {
     let queue = subscription.options().queue.as_deref().map(|q| format!(" (queue {q})")).unwrap_or_default();
-    Some(format!(
-        "broker: subscribed to {:?}{queue} as node {id}, listening on {}",
-        subscription.topic(),
-        broker.address()
-    ))
+    let address = micro_broker::redact_credentials(&broker.address());
+    match subscription.id() {
+        Some(id) if broker.name() == micro_broker::http::NAME => {
+            format!("{queue} as node {id}, listening on {address}")
+        }
+        _ => format!("{queue} over {} at {address}", broker.name()),
+    }
 }
 
 /// SIGINT and SIGTERM, listened for from the moment [`Signals::listen`] is called.
@@ -297,13 +303,13 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn http_subscriptions_announce_their_node_and_address() {
+    async fn subscriptions_announce_their_node_or_their_server() {
         let options = micro_broker::BrokerOptions::new().with_param("registry", "memory");
         let broker = micro_broker::from_name("http", options).unwrap();
         broker.connect().await.unwrap();
         let handler = handler_fn(|_event: Event| async { Ok(()) });
         let subscription = broker.subscribe("t", handler, SubscribeOptions::new().with_queue("q")).await.unwrap();
-        let line = announcement(subscription.as_ref(), broker.as_ref()).unwrap();
+        let line = announcement(subscription.as_ref(), broker.as_ref());
         let id = subscription.id().unwrap();
         assert_eq!(
             line,
@@ -317,6 +323,10 @@ mod tests {
         memory.connect().await.unwrap();
         let handler = handler_fn(|_event: Event| async { Ok(()) });
         let subscription = memory.subscribe("t", handler, SubscribeOptions::new()).await.unwrap();
-        assert_eq!(announcement(subscription.as_ref(), &memory), None);
+        let address = memory.address();
+        assert_eq!(
+            announcement(subscription.as_ref(), &memory),
+            format!("broker: subscribed to \"t\" over memory at {address}")
+        );
     }
 }

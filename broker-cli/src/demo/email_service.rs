@@ -52,12 +52,8 @@ impl EmailService {
                 options,
             )
             .await?;
-        let queue = subscription.options().queue.as_deref().map(|q| format!(" (queue {q})")).unwrap_or_default();
-        let node = match subscription.id() {
-            Some(id) => format!(" as node {id}, listening on {}", broker.address()),
-            None => String::new(),
-        };
-        say!("email-service: subscribed to {topic}{queue}{node}");
+        let whereabouts = crate::commands::subscribe::whereabouts(subscription.as_ref(), broker);
+        say!("email-service: subscribed to {topic}{whereabouts}");
         Ok(EmailService { subscription, welcomed, counts: Deliveries::new() })
     }
 

@@ -175,7 +175,8 @@ async fn two_processes(
     say!("demo: started the email service (pid {}); waiting for it to subscribe", email_service.pid());
     email_service.wait_ready(args.timeout).await?;
     if !after.is_empty() {
-        say!("demo: the email service is subscribed; publishing the other {} events", after.len());
+        let which = if before.is_empty() { "the" } else { "the other" };
+        say!("demo: the email service is subscribed; publishing {which} {} events", after.len());
     }
     published += user_service::publish(broker, topic, after, run_id).await?;
     let deliveries = email_service.finish(args.timeout + DUPLICATE_GRACE + process::EXIT_MARGIN).await?;

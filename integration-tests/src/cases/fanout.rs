@@ -1,10 +1,10 @@
 //! Fan-out: broadcast subscribers each get everything; a queue group gets everything once, shared
 //! among its members.
 
-use broker_core::{Message, SubscribeOptions};
+use broker_core::{Message, PublishOptions, SubscribeOptions};
 
 use crate::support::{
-    QUIET, assert_exactly_once, finish, group_by, inbox, numbered, publish, subscribe, tagged_recorder,
+    QUIET, assert_exactly_once, finish, group_by, inbox, must, numbered, publish, subscribe, tagged_recorder,
 };
 use crate::{CaseResult, Ctx, unique_topic};
 
@@ -37,7 +37,9 @@ pub async fn broadcast_reaches_every_subscriber(ctx: &Ctx) -> CaseResult {
 }
 
 /// Where `queue_groups`: two groups of three members, 1,000 messages. Each group receives every
-/// message exactly once (counted per message), and every member gets some of them.
+/// message exactly once (counted per message), and every member gets some of them. Where the
+/// backend keeps order (and so may share work by ordering key, as Kafka by partition), each
+/// message has a key of its own.
 pub async fn queue_groups_share_work(ctx: &Ctx) -> CaseResult {
     if !ctx.capabilities().queue_groups {
         return CaseResult::skipped("the backend does not declare queue_groups");
@@ -57,8 +59,12 @@ pub async fn queue_groups_share_work(ctx: &Ctx) -> CaseResult {
     }
 
     let expected = numbered("q", N);
+    // A backend that orders by key (Kafka) shares a group's work by key: messages without a key
+    // keep one order, on one partition, for one member. Give every message a key of its own.
+    let keyed = ctx.capabilities().ordering;
     for body in &expected {
-        publish(broker.as_ref(), &topic, Message::new(body.clone())).await;
+        let options = if keyed { PublishOptions::new().with_ordering_key(body.clone()) } else { PublishOptions::new() };
+        must(&format!("publish to {topic}"), broker.publish(&topic, Message::new(body.clone()), options)).await;
     }
     let mut received = got.gather(GROUPS * N).await;
     received.extend(got.collect_for(QUIET).await);
