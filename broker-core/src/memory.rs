@@ -117,11 +117,18 @@ struct Shared {
 struct TopicQueues {
     broadcast: Vec<Arc<Queue>>,
     groups: HashMap<String, Arc<Queue>>,
+    /// Every queue of the topic (`all()`), rebuilt when one is added or removed, so that a
+    /// publish takes a reference instead of collecting a list.
+    snapshot: Option<Arc<[Arc<Queue>]>>,
 }
 
 impl TopicQueues {
     fn all(&self) -> impl Iterator<Item = &Arc<Queue>> {
         self.broadcast.iter().chain(self.groups.values())
+    }
+
+    fn rebuild(&mut self) {
+        self.snapshot = Some(self.all().cloned().collect());
     }
 }
 
@@ -231,12 +238,22 @@ impl Shared {
         self.options.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
     }
 
+    /// One setting, without cloning the whole options.
+    fn publish_timeout(&self) -> Duration {
+        self.options.read().unwrap_or_else(|poisoned| poisoned.into_inner()).publish_timeout
+    }
+
+    fn drain_timeout(&self) -> Duration {
+        self.options.read().unwrap_or_else(|poisoned| poisoned.into_inner()).drain_timeout
+    }
+
     fn ensure_connected(&self) -> Result<()> {
         if self.connected.load(Ordering::Acquire) { Ok(()) } else { Err(Error::not_connected(NAME)) }
     }
 
-    fn queues_of(&self, topic: &str) -> Vec<Arc<Queue>> {
-        lock(&self.topics).get(topic).map(|t| t.all().cloned().collect()).unwrap_or_default()
+    /// The queues of `topic`, or `None` when it has no subscriber.
+    fn queues_of(&self, topic: &str) -> Option<Arc<[Arc<Queue>]>> {
+        lock(&self.topics).get(topic).and_then(|t| t.snapshot.clone())
     }
 
     /// Hands a dead letter to the subscribers of `<topic>.dlq` without waiting; counts it when nobody takes it.
@@ -249,7 +266,7 @@ impl Shared {
             .with_header(headers::ORIGINAL_TOPIC, queue.topic.to_string());
         let targets = self.queues_of(&dlq_topic);
         let mut taken = false;
-        for target in targets {
+        for target in targets.iter().flat_map(|t| t.iter()) {
             taken |= target.try_push(message.clone());
         }
         if !taken {
@@ -264,7 +281,7 @@ impl Shared {
         self.detach(&member);
         member.cancel.cancel();
         member.handlers.close();
-        let timeout = self.options().drain_timeout;
+        let timeout = self.drain_timeout();
         tokio::time::timeout(timeout, wait_for_others(&member)).await.map_err(|_| {
             Error::new(
                 ErrorKind::Timeout,
@@ -291,6 +308,8 @@ impl Shared {
             }
             if entry.broadcast.is_empty() && entry.groups.is_empty() {
                 topics.remove(&*queue.topic);
+            } else {
+                entry.rebuild();
             }
         }
         drop(topics);
@@ -342,6 +361,9 @@ impl Queue {
     /// Waits up to `timeout` for a buffer slot. `Ok(None)`: the queue closed meanwhile (its
     /// subscriber left), which takes nothing and is not an error.
     async fn reserve(&self, timeout: Duration) -> Result<Option<tokio::sync::SemaphorePermit<'_>>> {
+        if let Ok(permit) = self.slots.try_acquire() {
+            return Ok(Some(permit));
+        }
         match tokio::time::timeout(timeout, self.slots.acquire()).await {
             Err(_) => Err(Error::new(
                 ErrorKind::Timeout,
@@ -574,12 +596,20 @@ impl Broker for MemoryBroker {
 
     async fn publish(&self, topic: &str, message: Message, options: PublishOptions) -> Result<()> {
         self.shared.ensure_connected()?;
-        validate_topic(topic)?;
         CAPABILITIES.check_publish(NAME, &options)?;
+        // A topic with queues was validated by subscribe(); only an unknown one is checked here
+        // (an invalid topic never has queues, so it is always refused).
+        let Some(queues) = self.shared.queues_of(topic) else { return validate_topic(topic) };
         let mut message = message;
         message.headers.extend(options.headers);
-        let queues = self.shared.queues_of(topic);
-        let timeout = self.shared.options().publish_timeout;
+        let timeout = self.shared.publish_timeout();
+        if let [queue] = &*queues {
+            if let Some(permit) = queue.reserve(timeout).await? {
+                permit.forget();
+                queue.accept(message);
+            }
+            return Ok(());
+        }
         // Room in every buffer first, then the message into all of them: a publish that times
         // out reached no subscriber, so a retry cannot duplicate it for some of them.
         let reserved = futures::future::join_all(queues.iter().map(|q| q.reserve(timeout))).await;
@@ -624,12 +654,22 @@ impl Broker for MemoryBroker {
                 ),
             };
             queue.members.fetch_add(1, Ordering::AcqRel);
+            entry.rebuild();
             queue
         };
         let id = shared.next_member.fetch_add(1, Ordering::Relaxed);
         let member = Arc::new(Member { queue, cancel: CancellationToken::new(), handlers: TaskTracker::new() });
         lock(&shared.members).insert(id, Arc::clone(&member));
-        tokio::spawn(run_member(member, handler, options.clone(), Arc::downgrade(shared)));
+        if options.concurrency == 1 {
+            // One handler at a time: the worker runs it itself (no task per delivery). The worker
+            // is then the subscription's one tracked task, so unsubscribe and disconnect wait for
+            // it, and an unsubscribe from inside the handler sees itself as the running handler.
+            let key = Arc::as_ptr(&member) as usize;
+            let worker = run_member_inline(Arc::clone(&member), handler, options.clone(), Arc::downgrade(shared));
+            member.handlers.spawn(scope_handler(key, worker));
+        } else {
+            tokio::spawn(run_member(member, handler, options.clone(), Arc::downgrade(shared)));
+        }
         Ok(Box::new(MemorySubscriber { id, topic: topic.to_string(), options, shared: Arc::downgrade(shared) }))
     }
 
@@ -640,6 +680,51 @@ impl Broker for MemoryBroker {
     fn capabilities(&self) -> Capabilities {
         CAPABILITIES
     }
+}
+
+/// The loop of a subscription with concurrency 1: take a message, run the handler, settle it.
+/// A panicking handler is caught by `run_handler`; cancellation is only looked at between
+/// handlers, so a running handler always finishes.
+async fn run_member_inline(
+    member: Arc<Member>,
+    handler: Arc<dyn Handler>,
+    options: SubscribeOptions,
+    shared: Weak<Shared>,
+) {
+    loop {
+        let delivery = tokio::select! {
+            biased;
+            _ = member.cancel.cancelled() => return,
+            delivery = member.queue.pop() => match delivery {
+                Some(delivery) => delivery,
+                None => return,
+            },
+        };
+        let event = member_event(&member, delivery, &options, &shared);
+        if let Err(error) = run_handler(handler.as_ref(), event, options.auto_ack).await {
+            tracing::debug!(%error, "memory broker: delivery failed");
+        }
+        if member.queue.members.load(Ordering::Acquire) > 1 {
+            // A queue group's members compete for one queue: let the others (woken by the
+            // publishes) take their share instead of this worker draining it alone.
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+fn member_event(member: &Arc<Member>, delivery: Delivery, options: &SubscribeOptions, shared: &Weak<Shared>) -> Event {
+    let mut event = Event::builder(Arc::clone(&member.queue.topic), delivery.message.clone()).attempt(delivery.attempt);
+    if let Some(reason) = &delivery.last_error {
+        event = event.error(Error::new(ErrorKind::Handler, format!("previous delivery failed: {reason}")));
+    }
+    event
+        .acknowledger(MemoryAck {
+            queue: Arc::clone(&member.queue),
+            shared: shared.clone(),
+            delivery: Mutex::new(Some(delivery)),
+            max_redeliveries: options.max_redeliveries,
+        })
+        .build()
 }
 
 /// One subscription's loop: take a concurrency permit, take a message, run the handler in a task.
@@ -662,19 +747,7 @@ async fn run_member(member: Arc<Member>, handler: Arc<dyn Handler>, options: Sub
                 None => return,
             },
         };
-        let mut event =
-            Event::builder(Arc::clone(&member.queue.topic), delivery.message.clone()).attempt(delivery.attempt);
-        if let Some(reason) = &delivery.last_error {
-            event = event.error(Error::new(ErrorKind::Handler, format!("previous delivery failed: {reason}")));
-        }
-        let event = event
-            .acknowledger(MemoryAck {
-                queue: Arc::clone(&member.queue),
-                shared: shared.clone(),
-                delivery: Mutex::new(Some(delivery)),
-                max_redeliveries: options.max_redeliveries,
-            })
-            .build();
+        let event = member_event(&member, delivery, &options, &shared);
         let handler = Arc::clone(&handler);
         let auto_ack = options.auto_ack;
         member.handlers.spawn(scope_handler(Arc::as_ptr(&member) as usize, async move {

@@ -266,7 +266,7 @@ async fn pump(
                 shared: shared.clone(),
             })
             .build();
-        state.dispatch(&handler, event, options.auto_ack, permit, None);
+        state.dispatch(&handler, event, options.auto_ack, permit, None).await;
     }
     // Messages prefetched but not handed to the handler go back at once (a queue group's other
     // members take them) instead of waiting for ack_wait. Ones still on the way wait for ack_wait.

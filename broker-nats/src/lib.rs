@@ -190,6 +190,26 @@ pub(crate) struct Running {
     pub(crate) counters: Arc<Counters>,
     /// The servers, credentials hidden, for messages.
     pub(crate) servers: String,
+    /// Group flush of core publishes: how many publishes were enqueued so far, and (under the
+    /// lock, held by the one flush in flight) how many of them the last finished flush covered.
+    enqueued: AtomicU64,
+    flushed: tokio::sync::Mutex<u64>,
+}
+
+impl Running {
+    /// Returns once publish number `mine` (counted in `enqueued` after it was handed to the
+    /// client) has been flushed: by a flush of its own, or by one that started after it was
+    /// enqueued. Concurrent publishers share one flush instead of queueing one each.
+    async fn flush_covering(&self, mine: u64, topic: &str) -> Result<()> {
+        let mut flushed = self.flushed.lock().await;
+        if *flushed >= mine {
+            return Ok(());
+        }
+        let upto = self.enqueued.load(Ordering::Acquire);
+        self.client.flush().await.map_err(|e| error::flush(e, topic))?;
+        *flushed = upto;
+        Ok(())
+    }
 }
 
 /// One subscription's control state.
@@ -203,19 +223,22 @@ pub(crate) struct SubState {
     pub(crate) pump: TaskTracker,
     /// The running handlers.
     pub(crate) handlers: TaskTracker,
+    /// Concurrency 1: the pump runs each handler itself instead of spawning a task for it.
+    inline: bool,
     drain_timeout: Duration,
     /// JetStream: an ephemeral consumer (stream, consumer) to delete on unsubscribe.
     pub(crate) ephemeral: Mutex<Option<(String, String)>>,
 }
 
 impl SubState {
-    fn new(id: u64, drain_timeout: Duration) -> Self {
+    fn new(id: u64, drain_timeout: Duration, inline: bool) -> Self {
         SubState {
             id,
             stop: CancellationToken::new(),
             drain: CancellationToken::new(),
             pump: TaskTracker::new(),
             handlers: TaskTracker::new(),
+            inline,
             drain_timeout,
             ephemeral: Mutex::new(None),
         }
@@ -236,28 +259,51 @@ impl SubState {
         }
     }
 
-    /// Runs the handler on `event` as one of this subscription's tasks, releasing `permit` after.
-    pub(crate) fn dispatch(
+    /// Waits for the pump and the running handlers. From inside this subscription's own handler
+    /// run by the pump itself (concurrency 1), the pump is the caller: it is not waited for.
+    async fn wait_stopped(self: &Arc<Self>) {
+        if !(self.inline && running_handler_of() == Some(self.key())) {
+            self.pump.wait().await;
+        }
+        self.wait_for_others().await;
+    }
+
+    /// Runs the handler on `event`, releasing `permit` after: with concurrency 1 right here, in
+    /// the pump (no task per delivery), otherwise as one of this subscription's tasks.
+    pub(crate) async fn dispatch(
         self: &Arc<Self>,
         handler: &Arc<dyn Handler>,
         event: Event,
         auto_ack: bool,
         permit: OwnedSemaphorePermit,
-        counters: Option<Arc<Counters>>,
+        counters: Option<&Arc<Counters>>,
     ) {
+        if self.inline {
+            let run = run_handler(handler.as_ref(), event, auto_ack);
+            if let Err(error) = scope_handler(self.key(), run).await {
+                report_failure(&error, counters);
+            }
+            drop(permit);
+            return;
+        }
         let handler = Arc::clone(handler);
+        let counters = counters.cloned();
         self.handlers.spawn(scope_handler(self.key(), async move {
             if let Err(error) = run_handler(handler.as_ref(), event, auto_ack).await {
-                match &counters {
-                    Some(counters) if error.kind() == ErrorKind::Handler => {
-                        counters.handler_failures.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(%error, "nats broker: handler failed; core NATS does not redeliver");
-                    }
-                    _ => tracing::debug!(%error, "nats broker: delivery failed"),
-                }
+                report_failure(&error, counters.as_ref());
             }
             drop(permit);
         }));
+    }
+}
+
+fn report_failure(error: &Error, counters: Option<&Arc<Counters>>) {
+    match counters {
+        Some(counters) if error.kind() == ErrorKind::Handler => {
+            counters.handler_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%error, "nats broker: handler failed; core NATS does not redeliver");
+        }
+        _ => tracing::debug!(%error, "nats broker: delivery failed"),
     }
 }
 
@@ -439,6 +485,8 @@ async fn open(options: &BrokerOptions, config: &NatsConfig, counters: &Arc<Count
         next_sub: AtomicU64::new(1),
         counters: Arc::clone(counters),
         servers: servers_text,
+        enqueued: AtomicU64::new(0),
+        flushed: tokio::sync::Mutex::new(0),
     })
 }
 
@@ -494,8 +542,7 @@ impl Broker for NatsBroker {
         }
         let drained = tokio::time::timeout_at(deadline, async {
             for sub in &subs {
-                sub.pump.wait().await;
-                sub.wait_for_others().await;
+                sub.wait_stopped().await;
             }
         })
         .await
@@ -542,7 +589,8 @@ impl Broker for NatsBroker {
                 None => client.publish(topic.to_string(), out.payload).await,
             }
             .map_err(|e| error::publish(e, topic))?;
-            client.flush().await.map_err(|e| error::flush(e, topic))
+            let mine = running.enqueued.fetch_add(1, Ordering::AcqRel) + 1;
+            running.flush_covering(mine, topic).await
         })
         .await
         .map_err(|_| error::timeout(&format!("publish to {topic:?}"), timeout))?
@@ -558,7 +606,7 @@ impl Broker for NatsBroker {
         validate_topic(topic)?;
         capabilities_of(&running.config).check_subscribe(NAME, &options)?;
         let id = running.next_sub.fetch_add(1, Ordering::Relaxed);
-        let state = Arc::new(SubState::new(id, running.options.drain_timeout));
+        let state = Arc::new(SubState::new(id, running.options.drain_timeout, options.concurrency == 1));
         if running.js.is_some() {
             jetstream::subscribe(&running, topic, handler, &options, &state).await?;
         } else {
@@ -683,7 +731,7 @@ async fn core_pump(
             }
         };
         let event = Event::builder(Arc::clone(&topic), decoded).build();
-        state.dispatch(&handler, event, options.auto_ack, permit, Some(Arc::clone(&counters)));
+        state.dispatch(&handler, event, options.auto_ack, permit, Some(&counters)).await;
     }
     if !draining {
         let _ = tokio::time::timeout(Duration::from_secs(1), subscription.unsubscribe()).await;
@@ -724,11 +772,7 @@ impl Subscriber for NatsSubscriber {
         state.pump.close();
         state.handlers.close();
         let timeout = state.drain_timeout;
-        let waited = tokio::time::timeout(timeout, async {
-            state.pump.wait().await;
-            state.wait_for_others().await;
-        })
-        .await;
+        let waited = tokio::time::timeout(timeout, state.wait_stopped()).await;
         let ephemeral = lock(&state.ephemeral).take();
         if let (Some(running), Some((stream, consumer))) = (running, ephemeral) {
             jetstream::delete_consumer(&running, &stream, &consumer).await;

@@ -48,6 +48,20 @@ pub(crate) async fn bounded<T>(
     }
 }
 
+/// [`bounded`], with the operation's description built only when it failed (`what` formats the
+/// address: an allocation per call that the hot paths (PUBLISH, XADD, XACK) need not pay).
+pub(crate) async fn bounded_with<T>(
+    what: impl FnOnce() -> String,
+    limit: Duration,
+    future: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> broker_core::Result<T> {
+    match tokio::time::timeout(limit, future).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(map(&what(), error)),
+        Err(_) => Err(timeout(&what(), limit)),
+    }
+}
+
 /// Whether the server said the consumer group or stream does not exist (`NOGROUP`).
 pub(crate) fn is_no_group(error: &RedisError) -> bool {
     error.code() == Some("NOGROUP") || error.to_string().contains("NOGROUP")

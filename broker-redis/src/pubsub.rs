@@ -17,9 +17,9 @@ use crate::{Connected, SubState};
 pub(crate) async fn publish(state: &Connected, topic: &str, message: &Message) -> Result<()> {
     let payload = codec::encode_envelope(message, None);
     let mut conn = state.conn.clone();
-    let what = format!("PUBLISH to {topic:?} on redis at {}", state.config.redacted_url());
-    let _receivers: i64 = error::bounded(
-        &what,
+    let what = || format!("PUBLISH to {topic:?} on redis at {}", state.config.redacted_url());
+    let _receivers: i64 = error::bounded_with(
+        what,
         state.options.publish_timeout,
         redis::cmd("PUBLISH").arg(topic).arg(payload.as_ref()).query_async(&mut conn),
     )
@@ -96,9 +96,19 @@ pub(crate) async fn start(state: &Arc<Connected>, sub: &Arc<SubState>, handler: 
                 _ = sub.cancel.cancelled() => return,
                 permit = Arc::clone(&permits).acquire_owned() => match permit { Ok(p) => p, Err(_) => return },
             };
-            let handler = Arc::clone(&handler);
             let key = sub.key();
             let auto_ack = sub.options.auto_ack;
+            if sub.options.concurrency == 1 {
+                // One handler at a time: run it here, without a task per delivery. An unsubscribe
+                // from inside the handler does not wait for the subscription's tasks (this one).
+                let run = broker_core::run_handler(handler.as_ref(), event, auto_ack);
+                if let Err(e) = broker_core::scope_handler(key, run).await {
+                    tracing::debug!(error = %e, "redis Pub/Sub handler failed (at most once: not redelivered)");
+                }
+                drop(permit);
+                continue;
+            }
+            let handler = Arc::clone(&handler);
             sub.tracker.spawn(broker_core::scope_handler(key, async move {
                 if let Err(e) = broker_core::run_handler(handler.as_ref(), event, auto_ack).await {
                     tracing::debug!(error = %e, "redis Pub/Sub handler failed (at most once: not redelivered)");

@@ -33,9 +33,9 @@ fn xadd(topic: &str, maxlen: u64, message: &Message) -> redis::Cmd {
 /// Appends `message` to the stream `topic`, bounded by the publish timeout.
 pub(crate) async fn publish(state: &Connected, topic: &str, message: &Message) -> Result<()> {
     let mut conn = state.conn.clone();
-    let what = format!("XADD to {topic:?} on redis at {}", state.config.redacted_url());
-    let _id: String = error::bounded(
-        &what,
+    let what = || format!("XADD to {topic:?} on redis at {}", state.config.redacted_url());
+    let _id: String = error::bounded_with(
+        what,
         state.options.publish_timeout,
         xadd(topic, state.config.maxlen, message).query_async(&mut conn),
     )
@@ -100,9 +100,18 @@ impl Group {
     }
 
     async fn ack(&self, id: &str) -> Result<()> {
+        self.ack_many(std::slice::from_ref(&id)).await
+    }
+
+    /// One `XACK <topic> <group> <id> <id> …`.
+    async fn ack_many<S: AsRef<str>>(&self, ids: &[S]) -> Result<()> {
         let mut conn = self.conn.clone();
-        let cmd = redis::cmd("XACK").arg(&self.topic).arg(&self.group).arg(id).clone();
-        let _n: i64 = error::bounded(&self.what("XACK"), self.call_timeout, cmd.query_async(&mut conn)).await?;
+        let mut cmd = redis::cmd("XACK");
+        cmd.arg(&self.topic).arg(&self.group);
+        for id in ids {
+            cmd.arg(id.as_ref());
+        }
+        let _n: i64 = error::bounded_with(|| self.what("XACK"), self.call_timeout, cmd.query_async(&mut conn)).await?;
         Ok(())
     }
 
@@ -161,9 +170,11 @@ impl Group {
     }
 }
 
-/// Settles one delivery: ack = `XACK`, nack = hand it to the retry task.
+/// Settles one delivery: ack = hand the id to the subscription's acker (which sends the acks
+/// of many deliveries in one `XACK`), nack = hand it to the retry task.
 struct StreamAck {
     group: Arc<Group>,
+    acks: mpsc::UnboundedSender<String>,
     id: String,
     attempt: u32,
     message: Message,
@@ -172,7 +183,13 @@ struct StreamAck {
 #[async_trait]
 impl Acknowledger for StreamAck {
     async fn ack(&self) -> Result<()> {
-        self.group.ack(&self.id).await
+        // Queued: the acker sends it with the others queued meanwhile. An ack lost to a failure
+        // leaves the entry pending, and XAUTOCLAIM delivers it again (at-least-once). Once the
+        // acker has stopped, the ack goes out directly.
+        match self.acks.send(self.id.clone()) {
+            Ok(()) => Ok(()),
+            Err(_) => self.group.ack(&self.id).await,
+        }
     }
 
     async fn nack(&self, reason: &str) -> Result<()> {
@@ -195,6 +212,7 @@ struct Dispatcher {
     group: Arc<Group>,
     handler: Arc<dyn Handler>,
     permits: Arc<Semaphore>,
+    acks: mpsc::UnboundedSender<String>,
 }
 
 impl Dispatcher {
@@ -205,10 +223,27 @@ impl Dispatcher {
             _ = self.sub.cancel.cancelled() => return false,
             permit = Arc::clone(&self.permits).acquire_owned() => match permit { Ok(p) => p, Err(_) => return false },
         };
-        let ack = StreamAck { group: Arc::clone(&self.group), id: entry.id.clone(), attempt, message: message.clone() };
+        let ack = StreamAck {
+            group: Arc::clone(&self.group),
+            acks: self.acks.clone(),
+            id: entry.id.clone(),
+            attempt,
+            message: message.clone(),
+        };
         let event = Event::builder(self.sub.topic.as_str(), message).attempt(attempt).acknowledger(ack).build();
-        let handler = Arc::clone(&self.handler);
         let auto_ack = self.sub.options.auto_ack;
+        if self.sub.options.concurrency == 1 {
+            // One handler at a time: run it here (no task per delivery). The permit still keeps
+            // the reader and the retry task from running two at once. An unsubscribe from inside
+            // the handler does not wait for the subscription's tasks, so it cannot wait for this one.
+            let run = broker_core::run_handler(self.handler.as_ref(), event, auto_ack);
+            if let Err(e) = broker_core::scope_handler(self.sub.key(), run).await {
+                tracing::debug!(error = %e, "redis-streams handler failed");
+            }
+            drop(permit);
+            return true;
+        }
+        let handler = Arc::clone(&self.handler);
         self.sub.tracker.spawn(broker_core::scope_handler(self.sub.key(), async move {
             if let Err(e) = broker_core::run_handler(handler.as_ref(), event, auto_ack).await {
                 tracing::debug!(error = %e, "redis-streams handler failed");
@@ -277,12 +312,15 @@ pub(crate) async fn start(state: &Arc<Connected>, sub: &Arc<SubState>, handler: 
         }));
     }
 
+    let (ack_tx, ack_rx) = mpsc::unbounded_channel();
     let dispatcher = Dispatcher {
         sub: Arc::clone(sub),
         group: Arc::clone(&group),
         handler,
         permits: Arc::new(Semaphore::new(sub.options.concurrency)),
+        acks: ack_tx,
     };
+    sub.tracker.spawn(acker(Arc::clone(sub), Arc::clone(&group), ack_rx));
 
     // The reader: XREADGROUP ... BLOCK ... >, reconnecting after a loss.
     {
@@ -444,4 +482,48 @@ pub(crate) async fn start(state: &Arc<Connected>, sub: &Arc<SubState>, handler: 
         });
     }
     Ok(())
+}
+
+/// Most entry ids in one `XACK`.
+const ACK_BATCH: usize = 512;
+
+/// Sends the acks queued by the handlers, all those queued meanwhile in one `XACK`, so that a
+/// handler does not wait for its ack's round trip before the next delivery. Once the subscription
+/// is stopping it waits until the reader, the retry task and the handlers are done, sends what
+/// they queued, and ends: stop() (unsubscribe, disconnect) waits for it, so their acks are out
+/// before it returns.
+async fn acker(sub: Arc<SubState>, group: Arc<Group>, mut acks: mpsc::UnboundedReceiver<String>) {
+    let mut batch = Vec::with_capacity(ACK_BATCH);
+    loop {
+        tokio::select! {
+            biased;
+            n = acks.recv_many(&mut batch, ACK_BATCH) => if n == 0 {
+                return;
+            },
+            _ = sub.cancel.cancelled() => {
+                // The other tasks of the subscription finish (this one is the last in the tracker).
+                while sub.tracker.len() > 1 {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                while let Ok(id) = acks.try_recv() {
+                    batch.push(id);
+                }
+                for chunk in batch.chunks(ACK_BATCH) {
+                    send_acks(&group, chunk).await;
+                }
+                return;
+            }
+        }
+        send_acks(&group, &batch).await;
+        batch.clear();
+    }
+}
+
+async fn send_acks(group: &Group, ids: &[String]) {
+    if ids.is_empty() {
+        return;
+    }
+    if let Err(e) = group.ack_many(ids).await {
+        tracing::warn!(error = %e, count = ids.len(), "redis-streams: XACK failed; the entries stay pending and are delivered again after the idle timeout");
+    }
 }
