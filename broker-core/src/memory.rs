@@ -692,14 +692,7 @@ async fn run_member_inline(
     shared: Weak<Shared>,
 ) {
     loop {
-        let delivery = tokio::select! {
-            biased;
-            _ = member.cancel.cancelled() => return,
-            delivery = member.queue.pop() => match delivery {
-                Some(delivery) => delivery,
-                None => return,
-            },
-        };
+        let Some(delivery) = next_delivery(&member).await else { return };
         let event = member_event(&member, delivery, &options, &shared);
         if let Err(error) = run_handler(handler.as_ref(), event, options.auto_ack).await {
             tracing::debug!(%error, "memory broker: delivery failed");
@@ -709,6 +702,15 @@ async fn run_member_inline(
             // publishes) take their share instead of this worker draining it alone.
             tokio::task::yield_now().await;
         }
+    }
+}
+
+/// The next message of the member's queue; `None` once the member is cancelled or the queue closed.
+async fn next_delivery(member: &Member) -> Option<Delivery> {
+    tokio::select! {
+        biased;
+        _ = member.cancel.cancelled() => None,
+        delivery = member.queue.pop() => delivery,
     }
 }
 
@@ -739,14 +741,7 @@ async fn run_member(member: Arc<Member>, handler: Arc<dyn Handler>, options: Sub
                 Err(_) => return,
             },
         };
-        let delivery = tokio::select! {
-            biased;
-            _ = member.cancel.cancelled() => return,
-            delivery = member.queue.pop() => match delivery {
-                Some(delivery) => delivery,
-                None => return,
-            },
-        };
+        let Some(delivery) = next_delivery(&member).await else { return };
         let event = member_event(&member, delivery, &options, &shared);
         let handler = Arc::clone(&handler);
         let auto_ack = options.auto_ack;
