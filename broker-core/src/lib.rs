@@ -42,6 +42,7 @@ mod message;
 mod options;
 pub mod params;
 mod plugin;
+mod running;
 
 pub use broker::{
     Broker, BrokerExt, Handler, HandlerResult, Subscriber, handler_fn, run_handler, running_handler_of, scope_handler,
@@ -60,6 +61,7 @@ pub use plugin::{
     DEFAULT_BACKEND, Factory, KNOWN_BACKENDS, KnownBackend, Plugin, available, backend_name, from_env, from_lookup,
     from_name, plugin,
 };
+pub use running::RunningState;
 
 #[doc(hidden)]
 pub mod __private {

@@ -42,8 +42,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use broker_core::{
-    Broker, BrokerOptions, Capabilities, Error, ErrorKind, Handler, Message, PublishOptions, Result, SubscribeOptions,
-    Subscriber, validate_topic,
+    Broker, BrokerOptions, Capabilities, Error, ErrorKind, Handler, Message, PublishOptions, Result, RunningState,
+    SubscribeOptions, Subscriber, validate_topic,
 };
 use broker_registry::{Cache, Node, Service, SharedRegistry};
 use tokio_util::sync::CancellationToken;
@@ -133,7 +133,7 @@ struct Inner {
     registry_override: Option<SharedRegistry>,
     running: tokio::sync::Mutex<Option<Arc<Running>>>,
     /// The running state for the synchronous accessors (`address()`), mirrored from `running`.
-    current: RwLock<Option<Arc<Running>>>,
+    current: RunningState<Running>,
     counters: Arc<Counters>,
 }
 
@@ -185,7 +185,7 @@ impl HttpBroker {
                 options: RwLock::new(options),
                 registry_override,
                 running: tokio::sync::Mutex::new(None),
-                current: RwLock::new(None),
+                current: RunningState::new(),
                 counters: Arc::new(Counters::default()),
             }),
         }
@@ -222,11 +222,11 @@ impl HttpBroker {
     }
 
     fn current(&self) -> Option<Arc<Running>> {
-        self.inner.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.inner.current.get()
     }
 
     fn connected(&self) -> Result<Arc<Running>> {
-        self.current().ok_or_else(|| Error::not_connected(NAME))
+        self.inner.current.connected(NAME)
     }
 
     /// The node that registers `topic` / `queue` for this broker, in its dialect.
@@ -379,7 +379,7 @@ impl Broker for HttpBroker {
             tokio::spawn(server::serve(listener, acceptor, Arc::downgrade(&running), running.server_stop.clone()));
         *lock(&running.server_task) = Some(task);
         tokio::spawn(heartbeat(Arc::downgrade(&running), running.heartbeat_stop.clone()));
-        *self.inner.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&running));
+        self.inner.current.set(Arc::clone(&running));
         *slot = Some(running);
         Ok(())
     }
@@ -387,7 +387,7 @@ impl Broker for HttpBroker {
     async fn disconnect(&self) -> Result<()> {
         let mut slot = self.inner.running.lock().await;
         let Some(running) = slot.take() else { return Ok(()) };
-        *self.inner.current.write().unwrap_or_else(|p| p.into_inner()) = None;
+        self.inner.current.clear();
         let timeout = running.drain_timeout;
         let deadline = tokio::time::Instant::now() + timeout;
         // The first problem decides the error's kind; the message lists them all.

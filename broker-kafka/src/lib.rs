@@ -134,8 +134,8 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use async_trait::async_trait;
 use broker_core::{
-    Broker, BrokerOptions, Capabilities, Error, ErrorKind, Handler, Message, PublishOptions, Result, SubscribeOptions,
-    Subscriber,
+    Broker, BrokerOptions, Capabilities, Error, ErrorKind, Handler, Message, PublishOptions, Result, RunningState,
+    SubscribeOptions, Subscriber,
 };
 
 pub use config::KafkaConfig;
@@ -202,7 +202,7 @@ struct Inner {
     options: RwLock<BrokerOptions>,
     config: RwLock<KafkaConfig>,
     slot: tokio::sync::Mutex<Option<Arc<Running>>>,
-    current: RwLock<Option<Arc<Running>>>,
+    current: RunningState<Running>,
     counters: Arc<Counters>,
 }
 
@@ -235,7 +235,7 @@ impl KafkaBroker {
                 options: RwLock::new(options),
                 config: RwLock::new(config),
                 slot: tokio::sync::Mutex::new(None),
-                current: RwLock::new(None),
+                current: RunningState::new(),
                 counters: Arc::new(Counters::default()),
             }),
         }
@@ -258,11 +258,11 @@ impl KafkaBroker {
     }
 
     fn current(&self) -> Option<Arc<Running>> {
-        self.inner.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.inner.current.get()
     }
 
     fn connected(&self) -> Result<Arc<Running>> {
-        self.current().ok_or_else(|| Error::not_connected(NAME))
+        self.inner.current.connected(NAME)
     }
 
     fn config(&self) -> KafkaConfig {
@@ -294,7 +294,7 @@ impl Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         // Dropped without disconnect(): stop the pumps rather than leak them.
-        let current = self.current.get_mut().map(|c| c.take()).unwrap_or_else(|p| p.into_inner().take());
+        let current = self.current.take();
         if let Some(running) = current {
             for sub in lock(&running.subs).values() {
                 sub.stop_now();
@@ -359,7 +359,7 @@ impl Broker for KafkaBroker {
             next_sub: AtomicU64::new(1),
             counters: Arc::clone(&self.inner.counters),
         });
-        *self.inner.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&running));
+        self.inner.current.set(Arc::clone(&running));
         *slot = Some(running);
         Ok(())
     }
@@ -367,7 +367,7 @@ impl Broker for KafkaBroker {
     async fn disconnect(&self) -> Result<()> {
         let mut slot = self.inner.slot.lock().await;
         let Some(running) = slot.take() else { return Ok(()) };
-        *self.inner.current.write().unwrap_or_else(|p| p.into_inner()) = None;
+        self.inner.current.clear();
         let timeout = running.options.drain_timeout;
         let subs: Vec<Arc<SubState>> = lock(&running.subs).drain().map(|(_, s)| s).collect();
         // All subscriptions drain at once, each bounded by the drain timeout.

@@ -93,7 +93,7 @@ use async_trait::async_trait;
 use broker_core::codec::Envelope;
 use broker_core::{
     Broker, BrokerOptions, Capabilities, Error, ErrorKind, Event, Handler, Message, PublishOptions, Result,
-    SubscribeOptions, Subscriber, run_handler, running_handler_of, scope_handler, validate_topic,
+    RunningState, SubscribeOptions, Subscriber, run_handler, running_handler_of, scope_handler, validate_topic,
 };
 use futures::StreamExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -174,7 +174,7 @@ struct Inner {
     options: RwLock<BrokerOptions>,
     config: RwLock<NatsConfig>,
     slot: tokio::sync::Mutex<Option<Arc<Running>>>,
-    current: RwLock<Option<Arc<Running>>>,
+    current: RunningState<Running>,
     counters: Arc<Counters>,
 }
 
@@ -325,7 +325,7 @@ impl NatsBroker {
                 options: RwLock::new(options),
                 config: RwLock::new(config),
                 slot: tokio::sync::Mutex::new(None),
-                current: RwLock::new(None),
+                current: RunningState::new(),
                 counters: Arc::new(Counters::default()),
             }),
         }
@@ -349,11 +349,11 @@ impl NatsBroker {
     }
 
     fn current(&self) -> Option<Arc<Running>> {
-        self.inner.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.inner.current.get()
     }
 
     fn connected(&self) -> Result<Arc<Running>> {
-        self.current().ok_or_else(|| Error::not_connected(NAME))
+        self.inner.current.connected(NAME)
     }
 
     fn config(&self) -> NatsConfig {
@@ -385,7 +385,7 @@ impl Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         // Dropped without disconnect(): stop the pumps rather than leak them.
-        let current = self.current.get_mut().map(|c| c.take()).unwrap_or_else(|p| p.into_inner().take());
+        let current = self.current.take();
         if let Some(running) = current {
             for sub in lock(&running.subs).values() {
                 sub.stop.cancel();
@@ -523,7 +523,7 @@ impl Broker for NatsBroker {
         let options = self.inner.options();
         let config = NatsConfig::from_options(&options)?;
         let running = Arc::new(open(&options, &config, &self.inner.counters).await?);
-        *self.inner.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&running));
+        self.inner.current.set(Arc::clone(&running));
         *slot = Some(running);
         Ok(())
     }
@@ -531,7 +531,7 @@ impl Broker for NatsBroker {
     async fn disconnect(&self) -> Result<()> {
         let mut slot = self.inner.slot.lock().await;
         let Some(running) = slot.take() else { return Ok(()) };
-        *self.inner.current.write().unwrap_or_else(|p| p.into_inner()) = None;
+        self.inner.current.clear();
         let timeout = running.options.drain_timeout;
         let deadline = tokio::time::Instant::now() + timeout;
         let subs: Vec<Arc<SubState>> = lock(&running.subs).drain().map(|(_, s)| s).collect();

@@ -97,7 +97,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use broker_core::{
     Acknowledger, Broker, BrokerOptions, Capabilities, Error, ErrorKind, Event, Handler, Message, PublishOptions,
-    Result, SubscribeOptions, Subscriber, headers, run_handler, running_handler_of, scope_handler, validate_topic,
+    Result, RunningState, SubscribeOptions, Subscriber, headers, run_handler, running_handler_of, scope_handler,
+    validate_topic,
 };
 use futures::{Stream, StreamExt};
 use lapin::options::{
@@ -172,7 +173,7 @@ struct Inner {
     options: RwLock<BrokerOptions>,
     config: RwLock<RabbitConfig>,
     slot: tokio::sync::Mutex<Option<Arc<Running>>>,
-    current: RwLock<Option<Arc<Running>>>,
+    current: RunningState<Running>,
     counters: Arc<Counters>,
 }
 
@@ -222,7 +223,7 @@ impl RabbitBroker {
                 options: RwLock::new(options),
                 config: RwLock::new(config),
                 slot: tokio::sync::Mutex::new(None),
-                current: RwLock::new(None),
+                current: RunningState::new(),
                 counters: Arc::new(Counters::default()),
             }),
         }
@@ -244,11 +245,11 @@ impl RabbitBroker {
     }
 
     fn current(&self) -> Option<Arc<Running>> {
-        self.inner.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.inner.current.get()
     }
 
     fn connected(&self) -> Result<Arc<Running>> {
-        self.current().ok_or_else(|| Error::not_connected(NAME))
+        self.inner.current.connected(NAME)
     }
 
     fn config(&self) -> RabbitConfig {
@@ -280,7 +281,7 @@ impl Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         // Dropped without disconnect(): stop the supervisor and the pumps rather than leak them.
-        let current = self.current.get_mut().map(|c| c.take()).unwrap_or_else(|p| p.into_inner().take());
+        let current = self.current.take();
         if let Some(running) = current {
             running.stop.cancel();
             for sub in lock(&running.subs).values() {
@@ -913,7 +914,7 @@ impl Broker for RabbitBroker {
         });
         running.supervisor.spawn(supervise(Arc::downgrade(&running), running.stop.clone(), link, events));
         running.supervisor.close();
-        *self.inner.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&running));
+        self.inner.current.set(Arc::clone(&running));
         *slot = Some(running);
         Ok(())
     }
@@ -921,7 +922,7 @@ impl Broker for RabbitBroker {
     async fn disconnect(&self) -> Result<()> {
         let mut slot = self.inner.slot.lock().await;
         let Some(running) = slot.take() else { return Ok(()) };
-        *self.inner.current.write().unwrap_or_else(|p| p.into_inner()) = None;
+        self.inner.current.clear();
         let timeout = running.options.drain_timeout;
         let deadline = tokio::time::Instant::now() + timeout;
         let subs: Vec<Arc<SubState>> = lock(&running.subs).drain().map(|(_, s)| s).collect();
