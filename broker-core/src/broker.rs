@@ -73,6 +73,19 @@ pub fn running_handler_of() -> Option<usize> {
     HANDLER_OF.try_with(|key| *key).ok()
 }
 
+/// For backends: waits for the tasks of `handlers` (a subscription's running handlers, each
+/// run under [`scope_handler`] with `key`), except the calling one when it is such a handler: an
+/// `unsubscribe()` or `disconnect()` from inside the subscription's own handler waits for the
+/// others only, instead of for itself forever.
+pub async fn wait_for_other_handlers(handlers: &tokio_util::task::TaskTracker, key: usize) {
+    if running_handler_of() != Some(key) {
+        return handlers.wait().await;
+    }
+    while handlers.len() > 1 {
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+}
+
 /// Runs `handler` on `event`, turning a panic into an error, and with `auto_ack` acks on `Ok`
 /// and nacks on `Err`. Every backend calls this, so handler semantics are the same everywhere.
 ///

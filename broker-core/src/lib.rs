@@ -46,6 +46,7 @@ mod running;
 
 pub use broker::{
     Broker, BrokerExt, Handler, HandlerResult, Subscriber, handler_fn, run_handler, running_handler_of, scope_handler,
+    wait_for_other_handlers,
 };
 pub use capabilities::Capabilities;
 pub use error::{BoxError, Error, ErrorKind, Result};

@@ -37,7 +37,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::broker::{Broker, Handler, Subscriber, run_handler, running_handler_of, scope_handler};
+use crate::broker::{Broker, Handler, Subscriber, run_handler, scope_handler, wait_for_other_handlers};
 use crate::capabilities::Capabilities;
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::{Acknowledger, Event};
@@ -320,12 +320,7 @@ impl Shared {
 /// Waits for the member's running handlers, except the one calling (an `unsubscribe()` from
 /// inside the subscription's own handler).
 async fn wait_for_others(member: &Arc<Member>) {
-    if running_handler_of() != Some(Arc::as_ptr(member) as usize) {
-        return member.handlers.wait().await;
-    }
-    while member.handlers.len() > 1 {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    wait_for_other_handlers(&member.handlers, Arc::as_ptr(member) as usize).await;
 }
 
 impl Drop for Shared {

@@ -14,8 +14,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use broker_core::{
-    Acknowledger, Event, Handler, Message, Result, SubscribeOptions, headers, run_handler, running_handler_of,
-    scope_handler,
+    Acknowledger, Event, Handler, Message, Result, SubscribeOptions, headers, run_handler, scope_handler,
 };
 use broker_registry::Service;
 use bytes::Bytes;
@@ -74,12 +73,7 @@ impl Subscription {
     /// Waits for this subscription's running handlers, except the one calling (an
     /// `unsubscribe()` from inside its own handler).
     pub(crate) async fn wait_for_handlers(self: &Arc<Self>) {
-        if running_handler_of() != Some(Arc::as_ptr(self) as usize) {
-            return self.tasks.wait().await;
-        }
-        while self.tasks.len() > 1 {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        broker_core::wait_for_other_handlers(&self.tasks, Arc::as_ptr(self) as usize).await;
     }
 
     /// Runs the handler on one delivery and says how it ended.

@@ -45,6 +45,13 @@ struct Partition {
     next: i64,
 }
 
+impl Partition {
+    /// The offset to commit: the lowest unhandled one, or the next after the highest received.
+    fn commit_point(&self) -> i64 {
+        self.in_flight.first().copied().unwrap_or(self.next)
+    }
+}
+
 /// The offsets a subscription may commit.
 #[derive(Debug, Default)]
 pub(crate) struct Offsets {
@@ -66,7 +73,7 @@ impl Offsets {
         if !entry.in_flight.remove(&offset) {
             return None;
         }
-        Some(entry.in_flight.first().copied().unwrap_or(entry.next))
+        Some(entry.commit_point())
     }
 
     /// Forgets the partitions in `revoked` (they went to another member).
@@ -82,7 +89,7 @@ impl Offsets {
         lock(&self.partitions)
             .iter()
             .filter(|(_, p)| p.next > 0)
-            .map(|(partition, p)| (*partition, p.in_flight.first().copied().unwrap_or(p.next)))
+            .map(|(partition, p)| (*partition, p.commit_point()))
             .collect()
     }
 }

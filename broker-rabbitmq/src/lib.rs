@@ -610,12 +610,7 @@ impl SubState {
     /// Waits for the running handlers, except the one calling (an unsubscribe or disconnect from
     /// inside this subscription's own handler).
     async fn wait_for_others(self: &Arc<Self>) {
-        if running_handler_of() != Some(self.key()) {
-            return self.handlers.wait().await;
-        }
-        while self.handlers.len() > 1 {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        broker_core::wait_for_other_handlers(&self.handlers, self.key()).await;
     }
 
     fn dispatch(
