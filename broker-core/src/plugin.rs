@@ -96,6 +96,9 @@ pub const KNOWN_BACKENDS: &[KnownBackend] = &[
     KnownBackend { name: "kafka", crate_name: "broker-kafka", facade_feature: "kafka" },
     KnownBackend { name: "redis", crate_name: "broker-redis", facade_feature: "redis" },
     KnownBackend { name: "redis-streams", crate_name: "broker-redis", facade_feature: "redis" },
+    KnownBackend { name: "grpc", crate_name: "broker-grpc", facade_feature: "grpc" },
+    KnownBackend { name: "sqs", crate_name: "broker-sqs", facade_feature: "sqs" },
+    KnownBackend { name: "gcp-pubsub", crate_name: "broker-gcp-pubsub", facade_feature: "gcp-pubsub" },
 ];
 
 /// The linked plugins, sorted by name (the first registration of a name wins).

@@ -1,0 +1,1 @@
+//! # broker-gcp-pubsub (work in progress, not registered yet)

@@ -1,0 +1,1 @@
+//! # broker-grpc (work in progress, not registered yet)

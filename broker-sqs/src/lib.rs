@@ -1,0 +1,1 @@
+//! # broker-sqs (work in progress, not registered yet)
