@@ -428,7 +428,7 @@ fn linked_server_backends(test: &str) -> Vec<(String, String)> {
         if matches!(family, "memory" | "http") {
             continue;
         }
-        let var = format!("BROKER_TEST_{}_URL", family.to_ascii_uppercase());
+        let var = format!("BROKER_TEST_{}_URL", family.to_ascii_uppercase().replace('-', "_"));
         match std::env::var(&var).ok().filter(|v| !v.trim().is_empty()) {
             Some(url) => found.push((name, url)),
             None if require_all => panic!("{test}: {name} is linked and BROKER_TEST_REQUIRE=all, but {var} is not set"),

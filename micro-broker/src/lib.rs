@@ -49,13 +49,15 @@
 //! | `rabbitmq` | `rabbitmq` | `broker-rabbitmq` | AMQP 0.9.1, Go Micro's exchange layout |
 //! | `kafka` | `kafka` (`kafka-ssl` adds TLS) | `broker-kafka` | rdkafka with a bundled librdkafka |
 //! | `redis`, `redis-streams` | `redis` | `broker-redis` | Pub/Sub, or Streams with groups |
+//! | `gcp-pubsub` | `gcp-pubsub` | `broker-gcp-pubsub` | Google Cloud Pub/Sub (or its emulator, `PUBSUB_EMULATOR_HOST`) |
 //!
 //! The default feature is `http`, Go Micro's default backend, which needs no server: with no
 //! `MICRO_BROKER` set, [`from_env`] builds it. The feature `all` links every backend that builds
 //! quickly with cargo alone (`http`, `nats`, `rabbitmq`, `redis`). Two features are in neither
 //! `default` nor `all` because of what they build: `etcd` adds the etcd registry to the http
 //! backend (`MICRO_REGISTRY=etcd`) and needs `protoc`; `kafka` compiles librdkafka's C code (a
-//! few minutes). [`available`] lists what a program really linked, and [`KNOWN_BACKENDS`] every
+//! few minutes). `gcp-pubsub` is in neither either: a cloud SDK, a few minutes of Rust to build.
+//! [`available`] lists what a program really linked, and [`KNOWN_BACKENDS`] every
 //! backend of the project.
 //!
 //! The http backend finds subscribers through a registry, chosen with `MICRO_REGISTRY`
@@ -108,6 +110,8 @@
 pub use broker_core::*;
 
 // Backend crates are linked here, one line each, under their cargo feature (see the crate docs):
+#[cfg(feature = "gcp-pubsub")]
+use broker_gcp_pubsub as _;
 #[cfg(feature = "http")]
 use broker_http as _;
 #[cfg(feature = "kafka")]
@@ -119,6 +123,9 @@ use broker_rabbitmq as _;
 #[cfg(feature = "redis")]
 use broker_redis as _;
 
+/// The Google Cloud Pub/Sub backend's crate (plugin `gcp-pubsub`).
+#[cfg(feature = "gcp-pubsub")]
+pub use broker_gcp_pubsub as gcp_pubsub;
 /// The `http` backend's crate ([`broker_http`](https://docs.rs/broker-http)): [`http::HttpBroker`]
 /// with its parameters, statistics and confirmed publish, for programs that want more than the
 /// [`Broker`] contract. Linked by the feature `http` (a default feature).
