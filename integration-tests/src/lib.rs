@@ -329,6 +329,16 @@ macro_rules! conformance_suite {
             $crate::__with_cases!(__case_tests!($backend, $factory));
         }
     };
+    // A suite with cases that cannot hold on this backend for a reason its capabilities do not
+    // express (SQS's 256 KiB message limit): `skip: &[("case", "why")]`; each listed case prints
+    // `SKIP <backend>::<case>: <why>` and passes, and a name that is not a case fails every test.
+    ($module:ident, $backend:expr, $factory:expr, skip: $skips:expr $(,)?) => {
+        mod $module {
+            #[allow(unused_imports)]
+            use super::*;
+            $crate::__with_cases!(__skipping_case_tests!($backend, $factory, $skips));
+        }
+    };
     // A suite that also needs another server (`service: "etcd"`): `$make_factory` takes that
     // server's URL and returns the factory; without the URL every case is skipped (or fails
     // where BROKER_TEST_REQUIRE asks for the service).
@@ -359,6 +369,31 @@ macro_rules! __service_case_tests {
                     return;
                 };
                 if let Some(ctx) = $crate::Ctx::prepare(backend, stringify!($case), ($make_factory)(url)).await {
+                    let result = $crate::$case(&ctx).await;
+                    $crate::report(&ctx, stringify!($case), result);
+                }
+            }
+        )*
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __skipping_case_tests {
+    ($backend:expr, $factory:expr, $skips:expr ; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let backend: &str = $backend;
+                let skips: &[(&str, &str)] = $skips;
+                for (name, _) in skips {
+                    assert!($crate::CASES.contains(name), "the skip list names {name:?}, which is not a case");
+                }
+                if let Some((_, why)) = skips.iter().find(|(name, _)| *name == stringify!($case)) {
+                    $crate::print_skip(backend, stringify!($case), why);
+                    return;
+                }
+                if let Some(ctx) = $crate::Ctx::prepare(backend, stringify!($case), $factory).await {
                     let result = $crate::$case(&ctx).await;
                     $crate::report(&ctx, stringify!($case), result);
                 }

@@ -1,6 +1,6 @@
 //! Where the network backends' servers are, for their conformance suites.
 //!
-//! A suite for a backend that talks to a server (NATS, Redis, RabbitMQ, Kafka, Pub/Sub) needs its
+//! A suite for a backend that talks to a server (NATS, Redis, RabbitMQ, Kafka, SQS, Pub/Sub) needs its
 //! address. [`discover`] finds it, in this order:
 //!
 //! 1. `BROKER_TEST_<BACKEND>_URL` ([`env_var`]: the backend name in upper case, `-` as `_`), for
@@ -27,7 +27,7 @@ pub const ENV_REQUIRE: &str = "BROKER_TEST_REQUIRE";
 pub const CONTAINER_LABEL: &str = "micro-broker.conformance";
 
 /// The backends whose suites need a server.
-pub const SERVER_BACKENDS: &[&str] = &["nats", "redis", "redis-streams", "rabbitmq", "kafka", "gcp-pubsub"];
+pub const SERVER_BACKENDS: &[&str] = &["nats", "redis", "redis-streams", "rabbitmq", "kafka", "sqs", "gcp-pubsub"];
 
 /// The environment variable holding the server URL of `backend`: `BROKER_TEST_<BACKEND>_URL`,
 /// upper case, with `-` (and any other character that is not a letter or digit) as `_`.
@@ -367,7 +367,7 @@ mod tests {
 
     #[test]
     fn which_backends_need_a_server() {
-        for backend in ["nats", "redis", "redis-streams", "rabbitmq", "kafka", "gcp-pubsub"] {
+        for backend in ["nats", "redis", "redis-streams", "rabbitmq", "kafka", "sqs", "gcp-pubsub"] {
             assert!(needs_server(backend), "{backend}");
         }
         assert!(!needs_server("memory"));

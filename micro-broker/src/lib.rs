@@ -50,15 +50,16 @@
 //! | `kafka` | `kafka` (`kafka-ssl` adds TLS) | `broker-kafka` | rdkafka with a bundled librdkafka |
 //! | `redis`, `redis-streams` | `redis` | `broker-redis` | Pub/Sub, or Streams with groups |
 //! | `gcp-pubsub` | `gcp-pubsub` | `broker-gcp-pubsub` | Google Cloud Pub/Sub (or its emulator, `PUBSUB_EMULATOR_HOST`) |
+//! | `sqs` | `sqs` | `broker-sqs` | AWS SQS + SNS (or any SQS-compatible endpoint), aws-sdk-sqs / aws-sdk-sns |
 //!
 //! The default feature is `http`, Go Micro's default backend, which needs no server: with no
 //! `MICRO_BROKER` set, [`from_env`] builds it. The feature `all` links every backend that builds
-//! quickly with cargo alone (`http`, `nats`, `rabbitmq`, `redis`). Two features are in neither
+//! quickly with cargo alone (`http`, `nats`, `rabbitmq`, `redis`). Four features are in neither
 //! `default` nor `all` because of what they build: `etcd` adds the etcd registry to the http
 //! backend (`MICRO_REGISTRY=etcd`) and needs `protoc`; `kafka` compiles librdkafka's C code (a
-//! few minutes). `gcp-pubsub` is in neither either: a cloud SDK, a few minutes of Rust to build.
-//! [`available`] lists what a program really linked, and [`KNOWN_BACKENDS`] every
-//! backend of the project.
+//! few minutes); `sqs` builds two AWS SDK crates; `gcp-pubsub` is a cloud SDK too, a few minutes
+//! of Rust to build. [`available`] lists what a program really linked, and [`KNOWN_BACKENDS`]
+//! every backend of the project.
 //!
 //! The http backend finds subscribers through a registry, chosen with `MICRO_REGISTRY`
 //! (`memory`: one process; `local`, the default: lease files, every process of one user on one
@@ -122,6 +123,8 @@ use broker_nats as _;
 use broker_rabbitmq as _;
 #[cfg(feature = "redis")]
 use broker_redis as _;
+#[cfg(feature = "sqs")]
+use broker_sqs as _;
 
 /// The Google Cloud Pub/Sub backend's crate (plugin `gcp-pubsub`).
 #[cfg(feature = "gcp-pubsub")]
@@ -143,6 +146,9 @@ pub use broker_rabbitmq as rabbitmq;
 /// The Redis backends' crate (plugins `redis` and `redis-streams`).
 #[cfg(feature = "redis")]
 pub use broker_redis as redis;
+/// The SQS + SNS backend's crate (plugin `sqs`).
+#[cfg(feature = "sqs")]
+pub use broker_sqs as sqs;
 
 /// The README's examples, compiled and run as doctests so that they match the real API. They
 /// use `from_env()`, whose default backend is `http`: only with the feature that links it.
