@@ -49,10 +49,11 @@
 //! | `rabbitmq` | `rabbitmq` | `broker-rabbitmq` | AMQP 0.9.1, Go Micro's exchange layout |
 //! | `kafka` | `kafka` (`kafka-ssl` adds TLS) | `broker-kafka` | rdkafka with a bundled librdkafka |
 //! | `redis`, `redis-streams` | `redis` | `broker-redis` | Pub/Sub, or Streams with groups |
+//! | `grpc` | `grpc` | `broker-grpc` | peer-to-peer gRPC (Go Micro's gRPC broker), no server; [`grpc`] |
 //!
 //! The default feature is `http`, Go Micro's default backend, which needs no server: with no
 //! `MICRO_BROKER` set, [`from_env`] builds it. The feature `all` links every backend that builds
-//! quickly with cargo alone (`http`, `nats`, `rabbitmq`, `redis`). Two features are in neither
+//! quickly with cargo alone (`http`, `nats`, `rabbitmq`, `redis`, `grpc`). Two features are in neither
 //! `default` nor `all` because of what they build: `etcd` adds the etcd registry to the http
 //! backend (`MICRO_REGISTRY=etcd`) and needs `protoc`; `kafka` compiles librdkafka's C code (a
 //! few minutes). [`available`] lists what a program really linked, and [`KNOWN_BACKENDS`] every
@@ -108,6 +109,8 @@
 pub use broker_core::*;
 
 // Backend crates are linked here, one line each, under their cargo feature (see the crate docs):
+#[cfg(feature = "grpc")]
+use broker_grpc as _;
 #[cfg(feature = "http")]
 use broker_http as _;
 #[cfg(feature = "kafka")]
@@ -119,6 +122,10 @@ use broker_rabbitmq as _;
 #[cfg(feature = "redis")]
 use broker_redis as _;
 
+/// The gRPC backend's crate (plugin `grpc`): [`grpc::GrpcBroker`] with its parameters,
+/// statistics and confirmed publish. Linked by the feature `grpc`.
+#[cfg(feature = "grpc")]
+pub use broker_grpc as grpc;
 /// The `http` backend's crate ([`broker_http`](https://docs.rs/broker-http)): [`http::HttpBroker`]
 /// with its parameters, statistics and confirmed publish, for programs that want more than the
 /// [`Broker`] contract. Linked by the feature `http` (a default feature).
