@@ -14,14 +14,7 @@ use crate::wire::Dialect;
 /// The default listen address: loopback, any free port (Go Micro's `DefaultAddress`).
 pub const DEFAULT_ADDRESS: &str = "127.0.0.1:0";
 
-/// What a publisher does when a topic's inbox is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OverflowPolicy {
-    /// Fail the publish with [`ErrorKind::Overflow`](broker_core::ErrorKind::Overflow) (default).
-    Reject,
-    /// Drop the oldest waiting message of that topic, counting it, to make room.
-    DropOldest,
-}
+pub use broker_registry::outbox::OverflowPolicy;
 
 /// Every parameter this backend reads from [`BrokerOptions::params`], with its default.
 pub const PARAMS: &[(&str, &str)] = &[

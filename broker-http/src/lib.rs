@@ -36,7 +36,7 @@ pub mod wire;
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
@@ -45,12 +45,13 @@ use broker_core::{
     Broker, BrokerOptions, Capabilities, Error, ErrorKind, Handler, Message, PublishOptions, Result, RunningState,
     SubscribeOptions, Subscriber, validate_topic,
 };
+use broker_registry::outbox::DeliveryCounters;
 use broker_registry::{Cache, Node, Service, SharedRegistry};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use broker_registry::outbox::DeliveryReport;
 pub use config::{HttpConfig, OverflowPolicy};
-pub use outbox::DeliveryReport;
 pub use wire::Dialect;
 
 /// The plugin name.
@@ -93,13 +94,6 @@ pub struct HttpStats {
     pub delivery_dropped: u64,
 }
 
-#[derive(Debug, Default)]
-struct Counters {
-    delivered: AtomicU64,
-    inbox_dropped: AtomicU64,
-    delivery_dropped: AtomicU64,
-}
-
 /// The HTTP broker. See the [crate docs](crate).
 ///
 /// ```
@@ -134,7 +128,7 @@ struct Inner {
     running: tokio::sync::Mutex<Option<Arc<Running>>>,
     /// The running state for the synchronous accessors (`address()`), mirrored from `running`.
     current: RunningState<Running>,
-    counters: Arc<Counters>,
+    counters: Arc<DeliveryCounters>,
 }
 
 /// Everything that exists while connected.
@@ -186,7 +180,7 @@ impl HttpBroker {
                 registry_override,
                 running: tokio::sync::Mutex::new(None),
                 current: RunningState::new(),
-                counters: Arc::new(Counters::default()),
+                counters: Arc::new(DeliveryCounters::default()),
             }),
         }
     }
@@ -360,7 +354,7 @@ impl Broker for HttpBroker {
         let acceptor = tls::acceptor(config.tls.as_ref())?;
         let secure = acceptor.is_some();
         let cache = Cache::new(Arc::clone(&registry));
-        let outbox = outbox::Outbox::new(config.clone(), cache, Arc::clone(&self.inner.counters))?;
+        let outbox = outbox::new(config.clone(), cache, Arc::clone(&self.inner.counters))?;
         let running = Arc::new(Running {
             config,
             registry,

@@ -1,20 +1,11 @@
-//! The publisher side: the per-topic inbox, its dispatchers, and delivery over HTTP.
-//!
-//! `publish` encodes the message once and puts it in the topic's inbox; one dispatcher task per
-//! topic with waiting messages looks the topic's subscribers up (through the registry cache)
-//! and hands each message to delivery tasks, at most `max_in_flight` at a time, so the backlog is
-//! paced by responses. A message with no subscriber stays in the inbox, and the dispatcher waits
-//! for the registry to change (a subscriber appearing), for a new publish, or for a timer with
-//! backoff. A failed delivery goes back into the inbox aimed at what failed (one broadcast node,
-//! or one queue group), with a backoff, until `max_attempts`.
+//! The publisher side over HTTP: the shared inbox / retry / failover publisher
+//! ([`broker_registry::outbox`]) with a transport that POSTs Go Micro's JSON body to a node.
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
-use broker_core::layers::metrics::{INBOX_DROPPED, LABEL_BACKEND, LABEL_TOPIC};
-use broker_core::{Error, ErrorKind, Message, Result};
+use broker_core::{Message, Result};
+use broker_registry::outbox::{self, DeliveryCounters, OutboxConfig, Outcome, Transport};
 use broker_registry::{Cache, Node};
 use bytes::Bytes;
 use http::{Request, StatusCode};
@@ -22,182 +13,36 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use tokio::sync::{Notify, Semaphore};
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::config::{HttpConfig, OverflowPolicy};
+use crate::SECRET_HEADER;
+use crate::config::HttpConfig;
 use crate::tls;
 use crate::wire::{self, BROADCAST_VERSION, Dialect};
-use crate::{Counters, SECRET_HEADER, lock};
 
-/// The outcome of [`HttpBroker::publish_confirmed`](crate::HttpBroker::publish_confirmed).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DeliveryReport {
-    /// Node ids of the subscriptions that acknowledged the message.
-    pub delivered: Vec<String>,
-    /// Subscriptions (node ids, or a queue group) the message was given up for, with why.
-    pub failed: Vec<(String, String)>,
-    /// Deliveries still open when the publish timeout ended the wait: the message waits in the
-    /// inbox for a subscriber, or is being retried.
-    pub pending: usize,
+/// The HTTP broker's outbox.
+pub(crate) type Outbox = outbox::Outbox<HttpTransport>;
+
+/// Builds the outbox of a connected broker.
+pub(crate) fn new(config: HttpConfig, cache: Arc<Cache>, counters: Arc<DeliveryCounters>) -> Result<Arc<Outbox>> {
+    let bounds = OutboxConfig {
+        max_in_flight: config.max_in_flight,
+        max_attempts: config.max_attempts,
+        inbox_max_messages: config.inbox_max_messages,
+        inbox_max_bytes: config.inbox_max_bytes,
+        inbox_total_bytes: config.inbox_total_bytes,
+        inbox_overflow: config.inbox_overflow,
+    };
+    Ok(outbox::Outbox::new(bounds, HttpTransport::new(config)?, cache, counters))
 }
 
-/// Collects the outcome of one confirmed publish.
-struct Report {
-    outcome: Mutex<DeliveryReport>,
-    open: AtomicUsize,
-    done: Notify,
-}
-
-impl Report {
-    fn new() -> Arc<Report> {
-        Arc::new(Report {
-            outcome: Mutex::new(DeliveryReport::default()),
-            open: AtomicUsize::new(1),
-            done: Notify::new(),
-        })
-    }
-
-    fn delivered(&self, node: &str) {
-        lock(&self.outcome).delivered.push(node.to_string());
-        self.close_one();
-    }
-
-    fn failed(&self, target: &str, reason: &str) {
-        lock(&self.outcome).failed.push((target.to_string(), reason.to_string()));
-        self.close_one();
-    }
-
-    /// One open delivery becomes `n`.
-    fn split(&self, n: usize) {
-        match n {
-            0 => {}
-            n => {
-                self.open.fetch_add(n - 1, Ordering::AcqRel);
-            }
-        }
-    }
-
-    fn close_one(&self) {
-        if self.open.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.done.notify_waiters();
-        }
-    }
-
-    async fn wait(&self) {
-        loop {
-            let notified = self.done.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.open.load(Ordering::Acquire) == 0 {
-                return;
-            }
-            notified.await;
-        }
-    }
-
-    fn snapshot(&self) -> DeliveryReport {
-        let mut report = lock(&self.outcome).clone();
-        report.pending = self.open.load(Ordering::Acquire);
-        report
-    }
-}
-
-/// Where a waiting message still has to go.
-#[derive(Clone)]
-enum Target {
-    /// Every subscription of the topic: broadcast nodes each, queue groups once.
-    All,
-    /// One queue group (a failed group delivery).
-    Group(String),
-    /// One broadcast node (a failed broadcast delivery).
-    Node(Node),
-}
-
-struct Pending {
-    body: Bytes,
-    target: Target,
-    attempt: u32,
-    not_before: Option<Instant>,
-    report: Option<Arc<Report>>,
-    /// The broadcast nodes this message was aimed at, shared by its deliveries: when one of them
-    /// turns out to be gone (our registry cache was stale), nodes registered since are found
-    /// and aimed at once, without sending twice to the others.
-    reached: Option<Arc<Mutex<HashSet<String>>>>,
-    /// This delivery is the message's only one (one broadcast node, no queue group).
-    alone: bool,
-}
-
-impl Pending {
-    fn new(body: Bytes, report: Option<Arc<Report>>) -> Pending {
-        Pending { body, target: Target::All, attempt: 1, not_before: None, report, reached: None, alone: false }
-    }
-
-    /// The same message aimed at `target`.
-    fn aimed_at(&self, target: Target, attempt: u32) -> Pending {
-        Pending {
-            body: self.body.clone(),
-            target,
-            attempt,
-            not_before: None,
-            report: self.report.clone(),
-            reached: self.reached.clone(),
-            alone: false,
-        }
-    }
-
-    fn give_up(&self, target: &str, reason: &str) {
-        if let Some(report) = &self.report {
-            report.failed(target, reason);
-        }
-    }
-}
-
-#[derive(Default)]
-struct TopicInbox {
-    entries: VecDeque<Pending>,
-    bytes: usize,
-    wake: Arc<Notify>,
-    dispatching: bool,
-}
-
-#[derive(Default)]
-struct InboxState {
-    topics: HashMap<String, TopicInbox>,
-    total_bytes: usize,
-}
-
-/// One version of the topic's service with its nodes, as looked up.
-struct Version {
-    name: String,
-    nodes: Vec<Node>,
-}
-
-enum Outcome {
-    Delivered,
-    HandlerFailed(String),
-    Gone,
-    Unreachable(String),
-    Refused(String),
-}
-
-pub(crate) struct Outbox {
+/// One POST of Go Micro's JSON body to one node, in the configured dialect.
+pub(crate) struct HttpTransport {
     config: HttpConfig,
-    cache: Arc<Cache>,
-    counters: Arc<Counters>,
     client: Client<tls::Connector, Full<Bytes>>,
-    in_flight: Arc<Semaphore>,
-    deliveries: TaskTracker,
-    state: Mutex<InboxState>,
-    draining: AtomicBool,
-    stop: CancellationToken,
-    this: Weak<Outbox>,
 }
 
-impl Outbox {
-    pub(crate) fn new(config: HttpConfig, cache: Arc<Cache>, counters: Arc<Counters>) -> Result<Arc<Outbox>> {
+impl HttpTransport {
+    fn new(config: HttpConfig) -> Result<HttpTransport> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(config.request_timeout));
@@ -208,373 +53,10 @@ impl Outbox {
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(config.max_in_flight)
             .build(connector);
-        Ok(Arc::new_cyclic(|this| Outbox {
-            in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
-            config,
-            cache,
-            counters,
-            client,
-            deliveries: TaskTracker::new(),
-            state: Mutex::new(InboxState::default()),
-            draining: AtomicBool::new(false),
-            stop: CancellationToken::new(),
-            this: this.clone(),
-        }))
+        Ok(HttpTransport { config, client })
     }
 
-    /// Puts a new message in the topic's inbox.
-    pub(crate) fn publish(&self, topic: &str, message: &Message) -> Result<()> {
-        let body = wire::encode(topic, message, self.config.dialect);
-        self.enqueue(topic, Pending::new(body, None), true)
-    }
-
-    pub(crate) async fn publish_confirmed(
-        &self,
-        topic: &str,
-        message: &Message,
-        timeout: Duration,
-    ) -> Result<DeliveryReport> {
-        let body = wire::encode(topic, message, self.config.dialect);
-        let report = Report::new();
-        self.enqueue(topic, Pending::new(body, Some(Arc::clone(&report))), true)?;
-        let _ = tokio::time::timeout(timeout, report.wait()).await;
-        Ok(report.snapshot())
-    }
-
-    /// Adds to a topic's inbox within its bounds. A new publish that does not fit is rejected
-    /// (policy `reject`); a retry that does not fit is dropped and counted.
-    fn enqueue(&self, topic: &str, pending: Pending, fresh: bool) -> Result<()> {
-        let config = &self.config;
-        let size = pending.body.len();
-        let mut state = lock(&self.state);
-        let InboxState { topics, total_bytes } = &mut *state;
-        let inbox = topics.entry(topic.to_string()).or_default();
-        loop {
-            let fits = inbox.entries.len() < config.inbox_max_messages
-                && inbox.bytes + size <= config.inbox_max_bytes
-                && *total_bytes + size <= config.inbox_total_bytes;
-            if fits {
-                break;
-            }
-            let evicted = match config.inbox_overflow {
-                OverflowPolicy::DropOldest => inbox.entries.pop_front(),
-                OverflowPolicy::Reject => None,
-            };
-            match evicted {
-                Some(old) => {
-                    inbox.bytes -= old.body.len();
-                    *total_bytes -= old.body.len();
-                    self.count_inbox_drops(topic, 1);
-                    old.give_up(topic, "dropped from the full inbox (policy drop_oldest)");
-                    tracing::warn!(topic, "http broker: inbox full, dropped the oldest message");
-                }
-                None => {
-                    let why = format!(
-                        "the inbox of topic {topic:?} is full ({} messages, {} bytes; {} bytes over all topics; limits {} / {} / {}): \
-                         subscribers do not take messages as fast as they are published",
-                        inbox.entries.len(),
-                        inbox.bytes,
-                        total_bytes,
-                        config.inbox_max_messages,
-                        config.inbox_max_bytes,
-                        config.inbox_total_bytes
-                    );
-                    if inbox.entries.is_empty() && !inbox.dispatching {
-                        topics.remove(topic);
-                    }
-                    if fresh {
-                        return Err(Error::new(ErrorKind::Overflow, why));
-                    }
-                    self.count_inbox_drops(topic, 1);
-                    pending.give_up(topic, &why);
-                    tracing::warn!(topic, "http broker: {why}; a retry was dropped");
-                    return Ok(());
-                }
-            }
-        }
-        inbox.bytes += size;
-        *total_bytes += size;
-        inbox.entries.push_back(pending);
-        if inbox.dispatching {
-            inbox.wake.notify_one();
-        } else if let Some(this) = self.this.upgrade() {
-            inbox.dispatching = true;
-            tokio::spawn(this.dispatch(topic.to_string(), Arc::clone(&inbox.wake)));
-        }
-        Ok(())
-    }
-
-    /// The topic's dispatcher: runs while its inbox has messages.
-    async fn dispatch(self: Arc<Self>, topic: String, wake: Arc<Notify>) {
-        let service_name = self.config.dialect.service_name(&topic);
-        let mut changes = self.cache.changes();
-        let mut idle = Duration::from_millis(10);
-        loop {
-            if self.stop.is_cancelled() {
-                return;
-            }
-            let versions = self.lookup(&service_name, &topic).await;
-            let (ready, next_due, finished) = self.take_ready(&topic, &versions);
-            let had_work = !ready.is_empty();
-            for (pending, version) in ready {
-                self.start_delivery(&topic, &service_name, pending, version).await;
-            }
-            if finished {
-                return;
-            }
-            if had_work {
-                idle = Duration::from_millis(10);
-                continue;
-            }
-            let sleep = next_due.map_or(idle, |due| due.saturating_duration_since(Instant::now()).min(idle));
-            tokio::select! {
-                _ = self.stop.cancelled() => return,
-                _ = wake.notified() => {}
-                _ = changes.changed() => {}
-                _ = tokio::time::sleep(sleep) => {}
-            }
-            idle = (idle * 2).min(Duration::from_secs(1));
-        }
-    }
-
-    /// The topic's subscribers by version; nothing when the lookup fails (retried later).
-    async fn lookup(&self, service_name: &str, topic: &str) -> Vec<Version> {
-        match self.cache.get_service(service_name).await {
-            Ok(services) => self.versions_of(services, topic),
-            Err(error) => {
-                tracing::debug!(%error, service_name, "http broker: registry lookup failed");
-                Vec::new()
-            }
-        }
-    }
-
-    /// Groups services by version, keeping the nodes that serve `topic`.
-    fn versions_of(&self, services: Vec<broker_registry::Service>, topic: &str) -> Vec<Version> {
-        let mut versions: Vec<Version> = Vec::new();
-        for service in services {
-            let nodes = service.nodes.into_iter().filter(|node| match self.config.dialect {
-                // Today's dialect shares one service name: keep only this topic's HTTP nodes.
-                Dialect::Current => {
-                    node.metadata.get("broker").map(String::as_str) == Some("http")
-                        && node.metadata.get("topic").map(String::as_str) == Some(topic)
-                }
-                Dialect::Legacy => true,
-            });
-            match versions.iter_mut().find(|v| v.name == service.version) {
-                Some(version) => version.nodes.extend(nodes),
-                None => versions.push(Version { name: service.version, nodes: nodes.collect() }),
-            }
-        }
-        versions.retain(|v| !v.nodes.is_empty());
-        versions
-    }
-
-    /// Takes the messages that can go now, each with the versions it goes to. Also returns when
-    /// the next delayed retry is due, and whether the inbox is now empty (the dispatcher ends).
-    #[allow(clippy::type_complexity)]
-    fn take_ready(&self, topic: &str, versions: &[Version]) -> (Vec<(Pending, Vec<Version>)>, Option<Instant>, bool) {
-        let now = Instant::now();
-        let draining = self.draining.load(Ordering::Acquire);
-        let mut state = lock(&self.state);
-        let InboxState { topics, total_bytes } = &mut *state;
-        let Some(inbox) = topics.get_mut(topic) else { return (Vec::new(), None, true) };
-        let mut ready = Vec::new();
-        let mut next_due: Option<Instant> = None;
-        let mut kept = VecDeque::with_capacity(inbox.entries.len());
-        for pending in inbox.entries.drain(..) {
-            // A round takes at most max_in_flight messages, so that what waits for a delivery slot
-            // stays counted in the inbox's bounds.
-            if ready.len() >= self.config.max_in_flight {
-                kept.push_back(pending);
-                continue;
-            }
-            if let Some(due) = pending.not_before.filter(|due| *due > now) {
-                next_due = Some(next_due.map_or(due, |d| d.min(due)));
-                kept.push_back(pending);
-                continue;
-            }
-            let targets: Vec<Version> = match &pending.target {
-                Target::All => {
-                    versions.iter().map(|v| Version { name: v.name.clone(), nodes: v.nodes.clone() }).collect()
-                }
-                Target::Group(group) => versions
-                    .iter()
-                    .filter(|v| &v.name == group)
-                    .map(|v| Version { name: v.name.clone(), nodes: v.nodes.clone() })
-                    .collect(),
-                // Sent to the node itself, whatever the cache says (it may not show a node that
-                // registered a moment ago): a node whose subscription ended answers 404.
-                Target::Node(node) => vec![Version { name: BROADCAST_VERSION.to_string(), nodes: vec![node.clone()] }],
-            };
-            if targets.is_empty() {
-                if draining {
-                    inbox.bytes -= pending.body.len();
-                    *total_bytes -= pending.body.len();
-                    self.count_inbox_drops(topic, 1);
-                    pending.give_up(topic, "discarded at disconnect: no subscriber appeared");
-                    tracing::warn!(topic, "http broker: disconnect discarded a message that no subscriber took");
-                } else {
-                    kept.push_back(pending);
-                }
-                continue;
-            }
-            inbox.bytes -= pending.body.len();
-            *total_bytes -= pending.body.len();
-            ready.push((pending, targets));
-        }
-        inbox.entries = kept;
-        let finished = inbox.entries.is_empty();
-        if finished {
-            topics.remove(topic);
-        }
-        (ready, next_due, finished)
-    }
-
-    /// Starts one delivery task per broadcast node and per queue group, within `max_in_flight`.
-    async fn start_delivery(&self, topic: &str, service_name: &str, pending: Pending, versions: Vec<Version>) {
-        let mut jobs: Vec<(Target, Vec<Node>)> = Vec::new();
-        for version in versions {
-            if version.name == BROADCAST_VERSION {
-                jobs.extend(version.nodes.into_iter().map(|node| (Target::Node(node.clone()), vec![node])));
-            } else {
-                jobs.push((Target::Group(version.name), version.nodes));
-            }
-        }
-        if let Some(report) = &pending.report {
-            report.split(jobs.len());
-        }
-        let broadcast_ids: HashSet<String> = jobs
-            .iter()
-            .filter_map(|(target, _)| match target {
-                Target::Node(node) => Some(node.id.clone()),
-                _ => None,
-            })
-            .collect();
-        let pending = match pending.reached {
-            Some(_) => pending,
-            None => Pending { reached: Some(Arc::new(Mutex::new(broadcast_ids))), ..pending },
-        };
-        let alone = jobs.len() == 1;
-        for (target, nodes) in jobs {
-            let permit = tokio::select! {
-                _ = self.stop.cancelled() => return,
-                permit = Arc::clone(&self.in_flight).acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => return,
-                },
-            };
-            let Some(this) = self.this.upgrade() else { return };
-            let job = Pending { alone, ..pending.aimed_at(target, pending.attempt) };
-            let topic = topic.to_string();
-            let service_name = service_name.to_string();
-            self.deliveries.spawn(async move {
-                this.deliver(&topic, &service_name, job, nodes).await;
-                drop(permit);
-            });
-        }
-    }
-
-    /// Delivers to one broadcast node, or to one node of a queue group trying the others on failure.
-    async fn deliver(&self, topic: &str, service_name: &str, job: Pending, mut nodes: Vec<Node>) {
-        fastrand::shuffle(&mut nodes);
-        let mut last_failure = String::from("no node of the group answered");
-        for node in &nodes {
-            match self.post(node, &job).await {
-                Outcome::Delivered => {
-                    self.counters.delivered.fetch_add(1, Ordering::Relaxed);
-                    if let Some(report) = &job.report {
-                        report.delivered(&node.id);
-                    }
-                    return;
-                }
-                Outcome::HandlerFailed(reason) => {
-                    // The handler ran and failed: a redelivery, not a failover.
-                    last_failure = reason;
-                    break;
-                }
-                Outcome::Gone => {
-                    self.cache.forget_node(service_name, &node.id);
-                    last_failure = format!("node {} no longer has that subscription", node.id);
-                    if matches!(job.target, Target::Node(_)) {
-                        if !self.aim_at_new_broadcast_nodes(topic, service_name, &job).await {
-                            job.give_up(&node.id, &last_failure);
-                        }
-                        return;
-                    }
-                }
-                Outcome::Unreachable(reason) => {
-                    // A group forgets the node until it registers again and tries another; a
-                    // broadcast node is retried until max_attempts or until its registration ends.
-                    if matches!(job.target, Target::Group(_)) {
-                        self.cache.forget_node(service_name, &node.id);
-                    }
-                    last_failure = format!("node {} at {} is unreachable: {reason}", node.id, node.address);
-                }
-                Outcome::Refused(reason) => {
-                    self.counters.delivery_dropped.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(topic, node = %node.id, %reason, "http broker: delivery refused; message dropped");
-                    job.give_up(&node.id, &reason);
-                    return;
-                }
-            }
-        }
-        self.retry_later(topic, job, &last_failure);
-    }
-
-    /// A broadcast node was gone, so our cached view was stale: look the topic up in the registry
-    /// itself and aim the message at broadcast nodes registered since it was dispatched. When the
-    /// topic has no subscriber left at all, the message goes back to the inbox to wait for one,
-    /// as if published now (returns true: the delivery is not over).
-    async fn aim_at_new_broadcast_nodes(&self, topic: &str, service_name: &str, job: &Pending) -> bool {
-        let Some(reached) = &job.reached else { return false };
-        let services = match self.cache.registry().get_service(service_name).await {
-            Ok(services) => services,
-            Err(error) => {
-                tracing::debug!(%error, service_name, "http broker: registry lookup failed");
-                return false;
-            }
-        };
-        let versions = self.versions_of(services, topic);
-        if versions.is_empty() && job.alone {
-            // Its only subscriber is gone and nobody else listens: back to waiting for one.
-            let waiting = Pending { reached: None, ..job.aimed_at(Target::All, 1) };
-            return self.enqueue(topic, waiting, false).is_ok();
-        }
-        let fresh: Vec<Node> = versions
-            .into_iter()
-            .filter(|v| v.name == BROADCAST_VERSION)
-            .flat_map(|v| v.nodes)
-            .filter(|node| lock(reached).insert(node.id.clone()))
-            .collect();
-        for node in fresh {
-            if let Some(report) = &job.report {
-                report.split(2);
-            }
-            let _ = self.enqueue(topic, job.aimed_at(Target::Node(node), 1), false);
-        }
-        false
-    }
-
-    /// Puts a failed delivery back into the inbox with a backoff, or gives up after `max_attempts`.
-    fn retry_later(&self, topic: &str, mut job: Pending, reason: &str) {
-        let target_name = match &job.target {
-            Target::Node(node) => node.id.clone(),
-            Target::Group(group) => format!("queue group {group}"),
-            Target::All => topic.to_string(),
-        };
-        if job.attempt >= self.config.max_attempts {
-            self.counters.delivery_dropped.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(topic, target = %target_name, attempts = job.attempt, reason, "http broker: delivery failed too often; message dropped");
-            job.give_up(&target_name, &format!("gave up after {} attempts: {reason}", job.attempt));
-            return;
-        }
-        tracing::debug!(topic, target = %target_name, attempt = job.attempt, reason, "http broker: delivery failed; will retry");
-        job.not_before = Some(Instant::now() + retry_backoff(job.attempt));
-        job.attempt += 1;
-        let _ = self.enqueue(topic, job, false);
-    }
-
-    async fn post(&self, node: &Node, job: &Pending) -> Outcome {
+    async fn post(&self, node: &Node, body: &Bytes, attempt: u32) -> Outcome {
         let secure = node.metadata.get("secure").map(String::as_str) == Some("true");
         if secure && (!tls::ENABLED || self.config.tls.is_none()) {
             return Outcome::Refused(format!(
@@ -586,7 +68,7 @@ impl Outbox {
         let scheme = if secure { "https" } else { "http" };
         let query = {
             let mut query = form_urlencoded::Serializer::new(String::new());
-            query.append_pair("id", &node.id).append_pair("attempt", &job.attempt.to_string());
+            query.append_pair("id", &node.id).append_pair("attempt", &attempt.to_string());
             query.finish()
         };
         let uri = format!("{scheme}://{}{}?{query}", node.address, self.config.dialect.path());
@@ -594,7 +76,7 @@ impl Outbox {
         if let Some(secret) = &self.config.secret {
             request = request.header(SECRET_HEADER, secret.as_str());
         }
-        let request = match request.body(Full::new(job.body.clone())) {
+        let request = match request.body(Full::new(body.clone())) {
             Ok(request) => request,
             Err(error) => return Outcome::Refused(format!("cannot build a request to {}: {error}", node.address)),
         };
@@ -615,54 +97,38 @@ impl Outbox {
             Ok(Ok((status, detail))) => classify(status, detail),
         }
     }
-
-    /// Counts messages dropped from the inbox: in [`HttpStats`](crate::HttpStats) and as the
-    /// `broker_inbox_dropped_total` metric.
-    fn count_inbox_drops(&self, topic: &str, n: u64) {
-        self.counters.inbox_dropped.fetch_add(n, Ordering::Relaxed);
-        metrics::counter!(INBOX_DROPPED, LABEL_BACKEND => crate::NAME, LABEL_TOPIC => topic.to_string()).increment(n);
-    }
-
-    /// Delivers what can be delivered until `deadline`; then discards the rest, counted.
-    pub(crate) async fn drain(&self, deadline: Instant) -> Result<()> {
-        self.draining.store(true, Ordering::Release);
-        for inbox in lock(&self.state).topics.values() {
-            inbox.wake.notify_one();
-        }
-        self.deliveries.close();
-        let finished = tokio::time::timeout_at(deadline, async {
-            loop {
-                if lock(&self.state).topics.is_empty() && self.deliveries.is_empty() {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await
-        .is_ok();
-        self.stop.cancel();
-        if finished {
-            return Ok(());
-        }
-        let mut state = lock(&self.state);
-        let left: usize = state.topics.values().map(|t| t.entries.len()).sum();
-        for (topic, inbox) in state.topics.drain() {
-            self.count_inbox_drops(&topic, inbox.entries.len() as u64);
-            for pending in inbox.entries {
-                pending.give_up(&topic, "discarded at disconnect: the drain timeout ended");
-            }
-        }
-        state.total_bytes = 0;
-        Err(Error::new(
-            ErrorKind::Timeout,
-            format!("{left} messages were still waiting for delivery at the drain deadline and were discarded"),
-        ))
-    }
 }
 
-impl Drop for Outbox {
-    fn drop(&mut self) {
-        self.stop.cancel();
+impl Transport for HttpTransport {
+    fn backend(&self) -> &'static str {
+        crate::NAME
+    }
+
+    fn broadcast_version(&self) -> &str {
+        BROADCAST_VERSION
+    }
+
+    fn service_name(&self, topic: &str) -> String {
+        self.config.dialect.service_name(topic)
+    }
+
+    fn serves(&self, node: &Node, topic: &str) -> bool {
+        match self.config.dialect {
+            // Today's dialect shares one service name: keep only this topic's HTTP nodes.
+            Dialect::Current => {
+                node.metadata.get("broker").map(String::as_str) == Some("http")
+                    && node.metadata.get("topic").map(String::as_str) == Some(topic)
+            }
+            Dialect::Legacy => true,
+        }
+    }
+
+    fn encode(&self, topic: &str, message: &Message) -> Bytes {
+        wire::encode(topic, message, self.config.dialect)
+    }
+
+    async fn send(&self, node: &Node, body: &Bytes, attempt: u32) -> Outcome {
+        self.post(node, body, attempt).await
     }
 }
 
@@ -688,11 +154,6 @@ fn classify(status: StatusCode, detail: String) -> Outcome {
     }
 }
 
-/// 10 ms after the first failure, doubling, at most 2 s.
-fn retry_backoff(attempt: u32) -> Duration {
-    Duration::from_millis(10u64 << attempt.saturating_sub(1).min(8)).min(Duration::from_secs(2))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -707,12 +168,5 @@ mod tests {
         );
         assert!(matches!(classify(StatusCode::PAYLOAD_TOO_LARGE, String::new()), Outcome::Refused(_)));
         assert!(matches!(classify(StatusCode::UNAUTHORIZED, String::new()), Outcome::Refused(_)));
-    }
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        assert_eq!(retry_backoff(1), Duration::from_millis(10));
-        assert_eq!(retry_backoff(2), Duration::from_millis(20));
-        assert_eq!(retry_backoff(30), Duration::from_secs(2));
     }
 }

@@ -13,7 +13,10 @@
 //!   runtime directory, so processes on one host find each other with no server and no multicast.
 //! - `etcd` (cargo feature `etcd`): Go Micro's etcd layout, for several hosts.
 //!
-//! [`Cache`] keeps lookups local and fresh by watching.
+//! [`Cache`] keeps lookups local and fresh by watching. With the feature `outbox`, [`outbox`] is
+//! the publisher the peer-to-peer backends share: a bounded per-topic inbox, delivery to the nodes
+//! the registry lists, retry with backoff and failover within a queue group, over a backend's
+//! own transport.
 //!
 //! ```
 //! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
@@ -38,6 +41,8 @@ mod common;
 pub mod etcd;
 pub mod local;
 pub mod memory;
+#[cfg(feature = "outbox")]
+pub mod outbox;
 mod select;
 
 pub use cache::{Cache, DEFAULT_CACHE_TTL};

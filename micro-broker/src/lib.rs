@@ -51,10 +51,11 @@
 //! | `redis`, `redis-streams` | `redis` | `broker-redis` | Pub/Sub, or Streams with groups |
 //! | `gcp-pubsub` | `gcp-pubsub` | `broker-gcp-pubsub` | Google Cloud Pub/Sub (or its emulator, `PUBSUB_EMULATOR_HOST`) |
 //! | `sqs` | `sqs` | `broker-sqs` | AWS SQS + SNS (or any SQS-compatible endpoint), aws-sdk-sqs / aws-sdk-sns |
+//! | `grpc` | `grpc` | `broker-grpc` | peer-to-peer gRPC (Go Micro's gRPC broker), no server; [`grpc`] |
 //!
 //! The default feature is `http`, Go Micro's default backend, which needs no server: with no
 //! `MICRO_BROKER` set, [`from_env`] builds it. The feature `all` links every backend that builds
-//! quickly with cargo alone (`http`, `nats`, `rabbitmq`, `redis`). Four features are in neither
+//! quickly with cargo alone (`http`, `nats`, `rabbitmq`, `redis`, `grpc`). Four features are in neither
 //! `default` nor `all` because of what they build: `etcd` adds the etcd registry to the http
 //! backend (`MICRO_REGISTRY=etcd`) and needs `protoc`; `kafka` compiles librdkafka's C code (a
 //! few minutes); `sqs` builds two AWS SDK crates; `gcp-pubsub` is a cloud SDK too, a few minutes
@@ -113,6 +114,8 @@ pub use broker_core::*;
 // Backend crates are linked here, one line each, under their cargo feature (see the crate docs):
 #[cfg(feature = "gcp-pubsub")]
 use broker_gcp_pubsub as _;
+#[cfg(feature = "grpc")]
+use broker_grpc as _;
 #[cfg(feature = "http")]
 use broker_http as _;
 #[cfg(feature = "kafka")]
@@ -129,6 +132,10 @@ use broker_sqs as _;
 /// The Google Cloud Pub/Sub backend's crate (plugin `gcp-pubsub`).
 #[cfg(feature = "gcp-pubsub")]
 pub use broker_gcp_pubsub as gcp_pubsub;
+/// The gRPC backend's crate (plugin `grpc`): [`grpc::GrpcBroker`] with its parameters,
+/// statistics and confirmed publish. Linked by the feature `grpc`.
+#[cfg(feature = "grpc")]
+pub use broker_grpc as grpc;
 /// The `http` backend's crate ([`broker_http`](https://docs.rs/broker-http)): [`http::HttpBroker`]
 /// with its parameters, statistics and confirmed publish, for programs that want more than the
 /// [`Broker`] contract. Linked by the feature `http` (a default feature).
