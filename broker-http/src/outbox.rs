@@ -145,9 +145,12 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 }
 
 fn classify(status: StatusCode, detail: String) -> Outcome {
+    if status.is_success() {
+        // No text to build for the usual answer.
+        return Outcome::Delivered;
+    }
     let detail = if detail.is_empty() { status.to_string() } else { format!("{status}: {detail}") };
     match status.as_u16() {
-        200..=299 => Outcome::Delivered,
         404 => Outcome::Gone,
         500..=599 => Outcome::HandlerFailed(detail),
         _ => Outcome::Refused(detail),

@@ -310,11 +310,16 @@ impl Layout {
         }
     }
 
-    /// Removes `path` by renaming it into the root first, so that the root sees the change.
+    /// Removes `path` by renaming it into the root first, so that the root sees the change; then
+    /// the service directory, if that was its last node.
     fn unlink_via_root(&self, path: &Path) -> Result<()> {
         let temp = self.temp_path("del");
         match fs::rename(path, &temp) {
-            Ok(()) => fs::remove_file(&temp).map_err(|e| io_error("remove", &temp, e)),
+            Ok(()) => {
+                fs::remove_file(&temp).map_err(|e| io_error("remove", &temp, e))?;
+                remove_dir_if_empty(path.parent());
+                Ok(())
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_error("remove", path, e)),
         }
@@ -336,10 +341,7 @@ impl Layout {
             let _ = fs::hard_link(&temp, path);
         }
         let _ = fs::remove_file(&temp);
-        if let Some(dir) = path.parent() {
-            // Fails, harmlessly, while the directory still holds nodes.
-            let _ = fs::remove_dir(dir);
-        }
+        remove_dir_if_empty(path.parent());
         tracing::debug!(path = %path.display(), still_expired, "collected an expired lease file");
     }
 
@@ -402,7 +404,9 @@ impl Layout {
                 Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => continue,
                 Err(e) => return Err(io_error("list", &dir, e)),
             };
+            let mut empty = true;
             for entry in entries {
+                empty = false;
                 let Ok(entry) = entry else { continue };
                 let file_name = entry.file_name();
                 if !is_lease_file_name(&file_name) {
@@ -426,6 +430,12 @@ impl Layout {
                 } else {
                     self.collect_expired(&path);
                 }
+            }
+            if empty {
+                // A service directory left empty (by a registry version that kept them, or a
+                // process that died between its last deregister and this clean-up): every scan
+                // lists every directory, so leftovers would make each rescan slower forever.
+                remove_dir_if_empty(Some(&dir));
             }
         }
         Ok(snapshot)
@@ -582,6 +592,14 @@ fn dir_signal(root: &Path) -> Option<Arc<DirSignal>> {
             tracing::warn!(dir = %key.display(), error = %e, "inotify unavailable; the local registry polls instead");
             None
         }
+    }
+}
+
+/// Removes a service directory that holds nothing any more. Fails, harmlessly, while it still
+/// holds a file; a writer racing with it makes the directory again (see `write_node`).
+fn remove_dir_if_empty(dir: Option<&Path>) {
+    if let Some(dir) = dir {
+        let _ = fs::remove_dir(dir);
     }
 }
 
@@ -787,6 +805,27 @@ mod tests {
         registry.deregister(&svc).await.unwrap();
         let event = next_event(&mut watcher).await;
         assert_eq!((event.action, event.service), (Action::Delete, svc));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn service_directories_do_not_outlive_their_nodes() {
+        let dir = temp_dir("dirs");
+        let registry = LocalRegistry::with_dir(&dir).unwrap();
+        registry.register(&service("s", "v", "a"), Duration::ZERO).await.unwrap();
+        registry.register(&service("s", "v", "b"), Duration::ZERO).await.unwrap();
+        registry.deregister(&service("s", "v", "a")).await.unwrap();
+        assert!(dir.join("s").is_dir(), "node b is still registered");
+        registry.deregister(&service("s", "v", "b")).await.unwrap();
+        assert!(!dir.join("s").exists(), "the last deregister removes the service directory");
+        // Registering again makes it again.
+        registry.register(&service("s", "v", "a"), Duration::ZERO).await.unwrap();
+        assert_eq!(registry.get_service("s").await.unwrap().len(), 1);
+        // Empty directories left by older versions are removed by a watcher's scan.
+        fs::create_dir(dir.join("leftover")).unwrap();
+        let _watcher = registry.watch(None).await.unwrap();
+        assert!(!dir.join("leftover").exists());
+        assert!(dir.join("s").is_dir());
         fs::remove_dir_all(&dir).unwrap();
     }
 
