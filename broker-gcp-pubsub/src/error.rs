@@ -31,6 +31,10 @@ pub(crate) fn rpc(what: &str, endpoint: &str, error: google_cloud_pubsub::Error)
         Some(_) => (ErrorKind::Backend, "the service refused the call"),
         None if error.is_timeout() => (ErrorKind::Timeout, "the call timed out"),
         None if error.is_authentication() => (ErrorKind::Connection, "no usable credentials"),
+        None if error.http_status_code().is_some() => (
+            ErrorKind::Backend,
+            "the endpoint answered with an HTTP error (is it Pub/Sub, and does it take this name?)",
+        ),
         None if error.is_connect() || error.is_io() || error.is_transport() => {
             (ErrorKind::Connection, "nothing answered (is the emulator or the network up?)")
         }
