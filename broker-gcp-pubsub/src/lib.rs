@@ -73,7 +73,7 @@
 //!   `max_redeliveries` of 100 or more): it gives the server's delivery count, and on Google's
 //!   service it catches messages whose consumer crashes (the Pub/Sub service account then needs
 //!   publisher rights on the dead-letter topic and subscriber rights on the subscription).
-//! - **What the emulator does not do**: the Pub/Sub emulator of this machine image (gcloud
+//! - **What the emulator does not do**: the Pub/Sub emulator of this machine image (0.8.20, gcloud
 //!   528.0.0) stores the dead-letter policy, counts delivery attempts and stops redelivering after
 //!   `max_delivery_attempts`, but does not publish the message to the dead-letter topic: it drops
 //!   it. The broker's own dead-lettering comes first, so nothing is lost through the broker; a

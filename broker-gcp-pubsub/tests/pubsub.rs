@@ -1,8 +1,8 @@
 //! The gcp-pubsub backend against the Pub/Sub emulator (`BROKER_TEST_GCP_PUBSUB_URL`, its
 //! `host:port`): interop with the raw google-cloud-pubsub client (data, attributes, ordering key,
 //! the topic-name mapping), a queue group's subscription keeping messages while its members are
-//! away, broadcast subscriptions deleted on unsubscribe, Pub/Sub's own dead-letter policy, and
-//! names and values the service would reject.
+//! away, broadcast subscriptions deleted on unsubscribe, Pub/Sub's own dead-letter policy,
+//! names and values the service would reject, and the ack deadline extended while a handler runs.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -281,7 +281,7 @@ async fn the_subscription_gets_pubsubs_dead_letter_policy() {
         }
     }
     assert_eq!(attempts, [Some(1), Some(2), Some(3), Some(4), Some(5)], "the server counts, and stops at the bound");
-    // Google's service now publishes the message to the dead-letter topic; the emulator (528.0.0)
+    // Google's service now publishes the message to the dead-letter topic; the emulator (0.8.20)
     // does not (it drops it), which is why the broker dead-letters by itself, before this bound.
     match tokio::time::timeout(Duration::from_secs(2), dead.recv()).await {
         Ok(Some((letter, _))) => {
@@ -322,4 +322,91 @@ async fn names_and_values_the_service_rejects_are_invalid_input() {
         assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
     }
     broker.disconnect().await.unwrap();
+}
+
+/// A handler that runs longer than the subscription's ack deadline (10 s) is not redelivered
+/// meanwhile: the client extends the deadline (modifyAckDeadline) while it runs. The control, a
+/// raw consumer that stops extending after 1 s (`set_max_lease`) and holds its message as long,
+/// is redelivered: the emulator does enforce the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ack_deadline_is_extended_while_a_handler_runs() {
+    let Some(host) = emulator("the_ack_deadline_is_extended_while_a_handler_runs") else { return };
+    const HOLD: Duration = Duration::from_secs(14);
+    let broker = connected(&host).await;
+    let (topics, subscriptions) = admins(&host).await;
+
+    // The broker's subscriber: one slow handler run, and no second delivery.
+    let topic = unique("deadline");
+    let (tx, mut got) = mpsc::unbounded_channel();
+    let handler = handler_fn(move |event: Event| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(event.attempt());
+            tokio::time::sleep(HOLD).await;
+            Ok(())
+        }
+    });
+    let options = SubscribeOptions::new().with_queue("slow").with_concurrency(2);
+    let sub = broker.subscribe(&topic, handler, options).await.unwrap();
+
+    // The control on a raw subscription of its own with a 10 s deadline.
+    let id = wire::topic_id(&topic).unwrap();
+    let raw_sub = unique("deadline-control").replace('.', "-");
+    subscriptions
+        .create_subscription()
+        .set_name(subscription_path(&raw_sub))
+        .set_topic(topic_path(&id))
+        .set_ack_deadline_seconds(10)
+        .send()
+        .await
+        .unwrap();
+    let (raw_tx, mut raw_got) = mpsc::unbounded_channel();
+    let control_path = subscription_path(&raw_sub);
+    let control_host = format!("http://{host}");
+    tokio::spawn(async move {
+        let client = google_cloud_pubsub::client::Subscriber::builder()
+            .with_endpoint(control_host)
+            .with_credentials(Anonymous::new().build())
+            .build()
+            .await
+            .unwrap();
+        let mut stream = client
+            .subscribe(control_path)
+            .set_max_lease(Duration::from_secs(1))
+            .set_max_lease_extension(Duration::from_secs(10))
+            .build();
+        let mut held = Vec::new();
+        while let Some(Ok((message, handle))) = stream.next().await {
+            let _ = raw_tx.send(message.message_id.clone());
+            held.push(handle); // never settled while the test runs
+        }
+    });
+
+    broker.publish(&topic, Message::new("slow"), PublishOptions::new()).await.unwrap();
+    assert_eq!(next_attempt(&mut got).await, Some(1));
+    let first = tokio::time::timeout(WAIT, raw_got.recv()).await.expect("the control's first delivery").unwrap();
+    let started = tokio::time::Instant::now();
+    let again = tokio::time::timeout(HOLD + Duration::from_secs(10), raw_got.recv()).await;
+    assert_eq!(
+        again.ok().flatten().as_deref(),
+        Some(first.as_str()),
+        "the control is redelivered once its deadline passes unextended"
+    );
+    let left = (HOLD + Duration::from_secs(1)).saturating_sub(started.elapsed());
+    assert!(
+        tokio::time::timeout(left, got.recv()).await.is_err(),
+        "the broker's handler ran past the ack deadline and the message was redelivered meanwhile"
+    );
+
+    sub.unsubscribe().await.unwrap();
+    broker.disconnect().await.unwrap();
+    let group = wire::group_subscription_id(&topic, "slow").unwrap();
+    for sub_id in [&group, &raw_sub] {
+        let _ = subscriptions.delete_subscription().set_subscription(subscription_path(sub_id)).send().await;
+    }
+    let _ = topics.delete_topic().set_topic(topic_path(&id)).send().await;
+}
+
+async fn next_attempt(rx: &mut mpsc::UnboundedReceiver<u32>) -> Option<u32> {
+    tokio::time::timeout(WAIT, rx.recv()).await.ok().flatten()
 }

@@ -56,8 +56,8 @@
 //! quickly with cargo alone (`http`, `nats`, `rabbitmq`, `redis`). Two features are in neither
 //! `default` nor `all` because of what they build: `etcd` adds the etcd registry to the http
 //! backend (`MICRO_REGISTRY=etcd`) and needs `protoc`; `kafka` compiles librdkafka's C code (a
-//! few minutes). `gcp-pubsub` is in neither either: a cloud SDK, a few minutes of Rust to build.
-//! [`available`] lists what a program really linked, and [`KNOWN_BACKENDS`] every
+//! few minutes). Nor is `gcp-pubsub`, Google's Pub/Sub client: a cloud SDK, minutes of Rust to
+//! build. [`available`] lists what a program really linked, and [`KNOWN_BACKENDS`] every
 //! backend of the project.
 //!
 //! The http backend finds subscribers through a registry, chosen with `MICRO_REGISTRY`
