@@ -1,7 +1,8 @@
 //! # broker-gcp-pubsub: the Google Cloud Pub/Sub backend (plugin `gcp-pubsub`)
 //!
 //! Link it with `use broker_gcp_pubsub as _;` (or the facade's `gcp-pubsub` feature), then pick it
-//! with `MICRO_BROKER=gcp-pubsub`. At-least-once over Pub/Sub's gRPC API with the official client,
+//! with `MICRO_BROKER=gcp-pubsub`. At-least-once over Pub/Sub's API (publish and streaming pull
+//! over gRPC, the admin calls over REST) with the official client,
 //! [google-cloud-pubsub](https://docs.rs/google-cloud-pubsub) (googleapis/google-cloud-rust).
 //! Parameters are listed in [`config::PARAMS`].
 //!
@@ -10,9 +11,10 @@
 //! over by the author of the older community client, which lives on as `gcloud-pubsub`). It does
 //! streaming pull with lease management (it extends the ack deadline, `modifyAckDeadline`, while a
 //! handler runs), batching publishers with ordering keys, and the admin API, over tonic 0.14 /
-//! prost 0.14, which the workspace already builds for etcd-client. Its default feature pulls in
-//! aws-lc-rs (a C and CMake build); this crate turns it off and installs rustls' `ring` provider
-//! instead, which the workspace already builds.
+//! prost 0.14 (which the workspace already builds for etcd-client) and reqwest. A thin tonic
+//! client of our own would have had to redo the lease management and carry Google's protos. Its
+//! default feature pulls in aws-lc-rs (a C and CMake build); this crate turns it off and installs
+//! rustls' `ring` provider instead, which the workspace already builds.
 //!
 //! ## Where it connects
 //! - `MICRO_BROKER_ADDRESS=host:port` (or `http://host:port`): a **Pub/Sub emulator**, plain gRPC,
@@ -77,9 +79,9 @@
 //!   528.0.0) stores the dead-letter policy, counts delivery attempts and stops redelivering after
 //!   `max_delivery_attempts`, but does not publish the message to the dead-letter topic: it drops
 //!   it. The broker's own dead-lettering comes first, so nothing is lost through the broker; a
-//!   consumer that crashes that many times loses the message on the emulator only. It also
-//!   answers requests naming an id with `%` (legal on Google's service) with HTTP 404, hence the
-//!   `~XX` escaping of [`wire`].
+//!   consumer that crashes that many times loses the message on the emulator only. Requests that
+//!   name an id holding `%` (legal on Google's service) fail on it with HTTP 404 (the admin calls
+//!   go over REST, the id in the URL path), hence the `~XX` escaping of [`wire`].
 //!
 //! ## Disconnect
 //! `disconnect()` stops every stream, lets running handlers finish and their acks go out (bounded by
@@ -381,11 +383,9 @@ async fn open(config: PubSubConfig, options: BrokerOptions, counters: Arc<Counte
             Ok(_) => {}
             Err(e) if matches!(error::code(&e), Some(Code::NotFound | Code::PermissionDenied)) => {}
             Err(e) => {
-                let mapped = error::rpc("connect", &endpoint, e);
-                let kind = if mapped.kind() == ErrorKind::Timeout { ErrorKind::Connection } else { mapped.kind() };
-                return Err(
-                    Error::new(kind, format!("cannot connect to {endpoint}: {}", mapped.message())).with_source(mapped)
-                );
+                let (kind, hint) = error::classify(&e);
+                let kind = if kind == ErrorKind::Timeout { ErrorKind::Connection } else { kind };
+                return Err(Error::new(kind, format!("cannot connect to {endpoint}: {hint}: {e}")).with_source(e));
             }
         }
         Ok::<_, Error>((topic_admin, subscription_admin, subscriber, base_publisher))

@@ -9,7 +9,7 @@
 //!   topic `user.registered`;
 //! - every other byte of the UTF-8 name (`~`, `%`, `/`, `:`, non-ASCII, ...) becomes `~XX`
 //!   (upper-case hex): `orders/eu` → `orders~2Feu`. Not `%XX`: Pub/Sub allows `%` in ids, but
-//!   the emulator answers requests naming such an id with HTTP 404;
+//!   the emulator answers the admin (REST) calls naming such an id with HTTP 404;
 //! - when the result does not start with a letter, starts with `goog` (any case) or is shorter
 //!   than 3 characters, it gets the prefix `mb~~` (the escaping never writes `~~`, so the prefix
 //!   cannot collide): `1` → `mb~~1`, `google.x` → `mb~~google.x`;
