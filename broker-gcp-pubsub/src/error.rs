@@ -13,7 +13,13 @@ pub(crate) fn code(error: &google_cloud_pubsub::Error) -> Option<Code> {
 
 /// A failed Pub/Sub call `what` on `endpoint` (already printable).
 pub(crate) fn rpc(what: &str, endpoint: &str, error: google_cloud_pubsub::Error) -> Error {
-    let (kind, hint) = match code(&error) {
+    let (kind, hint) = classify(&error);
+    Error::new(kind, format!("{what} on {endpoint}: {hint}: {error}")).with_source(error)
+}
+
+/// The kind of a client error, and a hint at what to check.
+pub(crate) fn classify(error: &google_cloud_pubsub::Error) -> (ErrorKind, &'static str) {
+    match code(error) {
         Some(Code::InvalidArgument | Code::OutOfRange) => {
             (ErrorKind::InvalidInput, "the service rejected a name or value")
         }
@@ -31,12 +37,15 @@ pub(crate) fn rpc(what: &str, endpoint: &str, error: google_cloud_pubsub::Error)
         Some(_) => (ErrorKind::Backend, "the service refused the call"),
         None if error.is_timeout() => (ErrorKind::Timeout, "the call timed out"),
         None if error.is_authentication() => (ErrorKind::Connection, "no usable credentials"),
+        None if error.http_status_code().is_some() => (
+            ErrorKind::Backend,
+            "the endpoint answered with an HTTP error (is it Pub/Sub, and does it take this name?)",
+        ),
         None if error.is_connect() || error.is_io() || error.is_transport() => {
             (ErrorKind::Connection, "nothing answered (is the emulator or the network up?)")
         }
         None => (ErrorKind::Backend, "the call failed"),
-    };
-    Error::new(kind, format!("{what} on {endpoint}: {hint}: {error}")).with_source(error)
+    }
 }
 
 /// Building a client for `endpoint` failed (credentials not found or not loadable, most often).

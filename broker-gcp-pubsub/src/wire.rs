@@ -7,17 +7,18 @@
 //! Pub/Sub topic:
 //! - ASCII letters, digits and `- _ . +` stay as they are, so `user.registered` is the Pub/Sub
 //!   topic `user.registered`;
-//! - every other byte of the UTF-8 name (`%`, `~`, `/`, `:`, non-ASCII, ...) becomes `%XX`
-//!   (upper-case hex): `orders/eu` → `orders%2Feu`;
+//! - every other byte of the UTF-8 name (`~`, `%`, `/`, `:`, non-ASCII, ...) becomes `~XX`
+//!   (upper-case hex): `orders/eu` → `orders~2Feu`. Not `%XX`: Pub/Sub allows `%` in ids, but
+//!   the emulator answers the admin (REST) calls naming such an id with HTTP 404;
 //! - when the result does not start with a letter, starts with `goog` (any case) or is shorter
-//!   than 3 characters, it gets the prefix `mb~` (`~` never comes out of the escaping, so the
-//!   prefix cannot collide): `1` → `mb~1`, `google.x` → `mb~google.x`;
+//!   than 3 characters, it gets the prefix `mb~~` (the escaping never writes `~~`, so the prefix
+//!   cannot collide): `1` → `mb~~1`, `google.x` → `mb~~google.x`;
 //! - a result longer than 255 characters is an [`InvalidInput`](broker_core::ErrorKind::InvalidInput)
 //!   error naming the topic.
 //!
-//! A queue group's subscription is `<topic id>~<group, escaped the same way>` (one subscription per
-//! topic and group, shared by the group's members); a broadcast subscriber's is
-//! `<topic id>~b~<random>`, of its own. Dead letters of `<topic>` go to the broker topic
+//! A queue group's subscription is `<topic id>~~<group, escaped the same way>` (one subscription
+//! per topic and group, shared by the group's members); a broadcast subscriber's is
+//! `<topic id>~~b~~<unique>`, of its own (an escaped group never holds `~~`, so the two cannot meet). Dead letters of `<topic>` go to the broker topic
 //! `<topic>.dlq`, mapped like any other.
 //!
 //! ## Messages
@@ -47,7 +48,10 @@ pub const MAX_ATTRIBUTES: usize = 100;
 pub const EMPTY_ATTRIBUTE: &str = "x-micro-empty";
 
 /// The prefix of ids that would otherwise not start with a letter, or start with `goog`.
-const PREFIX: &str = "mb~";
+const PREFIX: &str = "mb~~";
+
+/// Between a topic id and the rest of a subscription id.
+const SEPARATOR: &str = "~~";
 
 /// Escapes `name` into Pub/Sub's id alphabet (see the [module docs](self)).
 fn escape(name: &str) -> String {
@@ -55,7 +59,7 @@ fn escape(name: &str) -> String {
     for byte in name.bytes() {
         match byte {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'+' => out.push(char::from(byte)),
-            other => out.push_str(&format!("%{other:02X}")),
+            other => out.push_str(&format!("~{other:02X}")),
         }
     }
     out
@@ -85,9 +89,9 @@ fn checked(id: String, what: &str) -> Result<String> {
 /// ```
 /// use broker_gcp_pubsub::wire::topic_id;
 /// assert_eq!(topic_id("user.registered").unwrap(), "user.registered");
-/// assert_eq!(topic_id("orders/eu").unwrap(), "orders%2Feu");
-/// assert_eq!(topic_id("1").unwrap(), "mb~1");
-/// assert_eq!(topic_id("google.events").unwrap(), "mb~google.events");
+/// assert_eq!(topic_id("orders/eu").unwrap(), "orders~2Feu");
+/// assert_eq!(topic_id("1").unwrap(), "mb~~1");
+/// assert_eq!(topic_id("google.events").unwrap(), "mb~~google.events");
 /// ```
 pub fn topic_id(topic: &str) -> Result<String> {
     let escaped = escape(topic);
@@ -95,15 +99,15 @@ pub fn topic_id(topic: &str) -> Result<String> {
     checked(id, &format!("the topic {topic:?}"))
 }
 
-/// The subscription id of queue group `group` on broker topic `topic`: `<topic id>~<group>`.
+/// The subscription id of queue group `group` on broker topic `topic`: `<topic id>~~<group>`.
 pub fn group_subscription_id(topic: &str, group: &str) -> Result<String> {
-    let id = format!("{}~{}", topic_id(topic)?, escape(group));
+    let id = format!("{}{SEPARATOR}{}", topic_id(topic)?, escape(group));
     checked(id, &format!("the queue group {group:?} of the topic {topic:?}"))
 }
 
-/// The subscription id of a broadcast subscriber of `topic`: `<topic id>~b~<unique>`.
+/// The subscription id of a broadcast subscriber of `topic`: `<topic id>~~b~~<unique>`.
 pub fn broadcast_subscription_id(topic: &str, unique: &str) -> Result<String> {
-    let id = format!("{}~b~{}", topic_id(topic)?, escape(unique));
+    let id = format!("{}{SEPARATOR}b{SEPARATOR}{}", topic_id(topic)?, escape(unique));
     checked(id, &format!("a broadcast subscription of the topic {topic:?}"))
 }
 
@@ -178,9 +182,9 @@ mod tests {
             "GOOGle",
             "orders/eu",
             "x~y",
-            "x%7Ey",
+            "x~7Ey",
             "ü-topic",
-            "mb~1",
+            "mb~~1",
             "1",
         ];
         let ids: Vec<String> = topics.iter().map(|t| topic_id(t).unwrap()).collect();
@@ -188,17 +192,22 @@ mod tests {
             assert!(id.len() >= 3 && id.len() <= MAX_ID_LEN, "{id}");
             assert!(id.as_bytes()[0].is_ascii_alphabetic(), "{id}");
             assert!(!id.to_ascii_lowercase().starts_with("goog"), "{id}");
-            assert!(id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.~+%".contains(&b)), "{id}");
+            assert!(id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.~+".contains(&b)), "{id}");
         }
         let mut unique = ids.clone();
         unique.sort();
         unique.dedup();
         assert_eq!(unique.len(), ids.len(), "{ids:?}");
-        assert_eq!(topic_id("a").unwrap(), "mb~a");
-        assert_eq!(topic_id("x~y").unwrap(), "x%7Ey");
-        assert_eq!(topic_id("mb~1").unwrap(), "mb%7E1");
-        assert_eq!(group_subscription_id("orders", "billing").unwrap(), "orders~billing");
-        assert_eq!(broadcast_subscription_id("orders", "42").unwrap(), "orders~b~42");
+        assert_eq!(topic_id("a").unwrap(), "mb~~a");
+        assert_eq!(topic_id("x~y").unwrap(), "x~7Ey");
+        assert_eq!(topic_id("mb~~1").unwrap(), "mb~7E~7E1");
+        assert_eq!(topic_id("100%").unwrap(), "mb~~100~25");
+        assert_eq!(group_subscription_id("orders", "billing").unwrap(), "orders~~billing");
+        assert_eq!(broadcast_subscription_id("orders", "42").unwrap(), "orders~~b~~42");
+        assert_ne!(
+            group_subscription_id("orders", "b~~42").unwrap(),
+            broadcast_subscription_id("orders", "42").unwrap()
+        );
     }
 
     #[test]

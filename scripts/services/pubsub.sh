@@ -42,6 +42,7 @@ else
         fi
     fi
     state_dir=$(mktemp -d "${TMPDIR:-/tmp}/micro-broker-pubsub.XXXXXX")
+    mkdir -p "$state_dir/data"
     log "starting the Pub/Sub emulator on 127.0.0.1:$PORT (data and log in $state_dir)"
     # setsid + nohup: the emulator outlives this script and the shell that ran it. Its own data
     # dir, so that every run starts empty.
