@@ -37,6 +37,10 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(10);
 const SAFETY_RESCAN: Duration = Duration::from_secs(1);
 /// Leftover temporary files (from a process that died mid-write) older than this are removed.
 const STALE_TEMP_AGE: Duration = Duration::from_secs(600);
+/// How old an empty service directory must be before a scan removes it as a leftover. A
+/// directory that `write_node` has just made is empty until its rename: removing it then made
+/// the writer's mkdir wake the watcher that removed it again, a loop a loaded machine could lose.
+const LEFTOVER_DIR_AGE: Duration = Duration::from_secs(60);
 
 /// The registry of lease files. See the [module documentation](self) for the layout.
 #[derive(Debug, Clone)]
@@ -431,7 +435,7 @@ impl Layout {
                     self.collect_expired(&path);
                 }
             }
-            if empty {
+            if empty && modified_before(&dir, LEFTOVER_DIR_AGE) {
                 // A service directory left empty (by a registry version that kept them, or a
                 // process that died between its last deregister and this clean-up): every scan
                 // lists every directory, so leftovers would make each rescan slower forever.
@@ -442,15 +446,19 @@ impl Layout {
     }
 
     fn remove_if_stale_temp(&self, path: &Path) {
-        let stale = fs::symlink_metadata(path)
-            .and_then(|meta| meta.modified())
-            .ok()
-            .and_then(|modified| modified.elapsed().ok())
-            .is_some_and(|age| age > STALE_TEMP_AGE);
-        if stale {
+        if modified_before(path, STALE_TEMP_AGE) {
             let _ = fs::remove_file(path);
         }
     }
+}
+
+/// Whether `path` was last modified more than `age` ago (false when that cannot be told).
+fn modified_before(path: &Path, age: Duration) -> bool {
+    fs::symlink_metadata(path)
+        .and_then(|meta| meta.modified())
+        .ok()
+        .and_then(|modified| modified.elapsed().ok())
+        .is_some_and(|elapsed| elapsed > age)
 }
 
 /// The events that turn the watcher's `previous` view into `next`, marking what `next` reports.
@@ -821,10 +829,15 @@ mod tests {
         // Registering again makes it again.
         registry.register(&service("s", "v", "a"), Duration::ZERO).await.unwrap();
         assert_eq!(registry.get_service("s").await.unwrap().len(), 1);
-        // Empty directories left by older versions are removed by a watcher's scan.
+        // Empty directories left by older versions are removed by a watcher's scan once they are
+        // old enough; a fresh one (a writer between its mkdir and its rename) is left alone.
         fs::create_dir(dir.join("leftover")).unwrap();
+        fs::create_dir(dir.join("fresh")).unwrap();
+        let old = SystemTime::now() - LEFTOVER_DIR_AGE - Duration::from_secs(1);
+        fs::File::open(dir.join("leftover")).unwrap().set_modified(old).unwrap();
         let _watcher = registry.watch(None).await.unwrap();
         assert!(!dir.join("leftover").exists());
+        assert!(dir.join("fresh").is_dir());
         assert!(dir.join("s").is_dir());
         fs::remove_dir_all(&dir).unwrap();
     }
