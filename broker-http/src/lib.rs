@@ -45,6 +45,7 @@ use broker_core::{
     Broker, BrokerOptions, Capabilities, Error, ErrorKind, Handler, Message, PublishOptions, Result, RunningState,
     SubscribeOptions, Subscriber, validate_topic,
 };
+use broker_registry::endpoint;
 use broker_registry::outbox::DeliveryCounters;
 use broker_registry::{Cache, Node, Service, SharedRegistry};
 use tokio_util::sync::CancellationToken;
@@ -139,7 +140,7 @@ struct Running {
     advertise: String,
     /// Whether the endpoint serves HTTPS (registered as `"secure": "true"`).
     secure: bool,
-    subscriptions: server::Subscriptions,
+    subscriptions: endpoint::Subscriptions,
     outbox: Arc<outbox::Outbox>,
     server_stop: CancellationToken,
     server_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -361,7 +362,7 @@ impl Broker for HttpBroker {
             bound,
             advertise,
             secure,
-            subscriptions: server::Subscriptions::default(),
+            subscriptions: endpoint::Subscriptions::default(),
             outbox,
             server_stop: CancellationToken::new(),
             server_task: Mutex::new(None),
@@ -432,7 +433,7 @@ impl Broker for HttpBroker {
         validate_topic(topic)?;
         CAPABILITIES.check_subscribe(NAME, &options)?;
         let service = self.node_for(&running, topic, options.queue.as_deref());
-        let subscription = server::Subscription::new(topic, service.clone(), handler, options.clone());
+        let subscription = endpoint::Subscription::new(topic, service.clone(), handler, options.clone());
         running.subscriptions.insert(Arc::clone(&subscription));
         if let Err(e) = running.registry.register(&service, running.config.register_ttl).await {
             running.subscriptions.remove(&subscription);
@@ -479,7 +480,7 @@ async fn heartbeat(running: std::sync::Weak<Running>, stop: CancellationToken) {
 struct HttpSubscriber {
     topic: String,
     options: SubscribeOptions,
-    subscription: Arc<server::Subscription>,
+    subscription: Arc<endpoint::Subscription>,
     running: std::sync::Weak<Running>,
 }
 
