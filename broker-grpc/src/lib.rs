@@ -477,11 +477,7 @@ async fn heartbeat(running: std::sync::Weak<Running>, stop: CancellationToken) {
             _ = tokio::time::sleep(interval) => {}
         }
         let Some(running) = running.upgrade() else { return };
-        for service in running.subscriptions.services() {
-            if let Err(e) = running.registry.register(&service, running.config.register_ttl).await {
-                tracing::warn!(error = %e, service = %service.name, "grpc broker: re-registration failed");
-            }
-        }
+        running.subscriptions.register_all(running.registry.as_ref(), running.config.register_ttl, NAME).await;
     }
 }
 
@@ -518,18 +514,6 @@ impl Subscriber for GrpcSubscriber {
 
     async fn unsubscribe(&self) -> Result<()> {
         let Some(running) = self.running.upgrade() else { return Ok(()) };
-        if !running.subscriptions.remove(&self.subscription) {
-            return Ok(());
-        }
-        let deregistered = running.registry.deregister(&self.subscription.service).await;
-        self.subscription.tasks.close();
-        let waited = tokio::time::timeout(running.drain_timeout, self.subscription.wait_for_handlers()).await;
-        deregistered?;
-        waited.map_err(|_| {
-            Error::new(
-                ErrorKind::Timeout,
-                format!("unsubscribe from {:?}: handlers still running after {:?}", self.topic, running.drain_timeout),
-            )
-        })
+        running.subscriptions.unsubscribe(&self.subscription, running.registry.as_ref(), running.drain_timeout).await
     }
 }

@@ -8,14 +8,17 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use async_trait::async_trait;
+use std::time::Duration;
+
 use broker_core::{
-    Acknowledger, Event, Handler, Message, Result, SubscribeOptions, headers, run_handler, scope_handler,
+    Acknowledger, Error, ErrorKind, Event, Handler, Message, Result, SubscribeOptions, headers, run_handler,
+    scope_handler,
 };
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
-use crate::Service;
 use crate::common::lock;
+use crate::{Registry, Service};
 
 /// One local subscription, as the backend's endpoint sees it.
 pub struct Subscription {
@@ -221,6 +224,40 @@ impl Subscriptions {
     pub fn services(&self) -> Vec<Service> {
         let map = self.by_node.read().unwrap_or_else(|p| p.into_inner());
         map.values().flatten().map(|s| s.service.clone()).collect()
+    }
+
+    /// Registers every subscription again: the heartbeat that keeps registry TTLs from expiring.
+    /// A failure is logged (the next heartbeat tries again).
+    pub async fn register_all(&self, registry: &dyn Registry, ttl: Duration, backend: &str) {
+        for service in self.services() {
+            if let Err(e) = registry.register(&service, ttl).await {
+                tracing::warn!(backend, error = %e, service = %service.name, "re-registration failed");
+            }
+        }
+    }
+
+    /// Ends `subscription`: no new delivery starts, it leaves the registry, and its running
+    /// handlers (except the one calling) get up to `drain_timeout` to finish. A second call does
+    /// nothing.
+    pub async fn unsubscribe(
+        &self,
+        subscription: &Arc<Subscription>,
+        registry: &dyn Registry,
+        drain_timeout: Duration,
+    ) -> Result<()> {
+        if !self.remove(subscription) {
+            return Ok(());
+        }
+        let deregistered = registry.deregister(&subscription.service).await;
+        subscription.tasks.close();
+        let waited = tokio::time::timeout(drain_timeout, subscription.wait_for_handlers()).await;
+        deregistered?;
+        waited.map_err(|_| {
+            Error::new(
+                ErrorKind::Timeout,
+                format!("unsubscribe from {:?}: handlers still running after {drain_timeout:?}", subscription.topic),
+            )
+        })
     }
 
     /// The subscriptions registered as `node_id`.
