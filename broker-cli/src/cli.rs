@@ -89,6 +89,12 @@ impl BrokerArgs {
     }
 }
 
+/// Whether `backend` has no server (`http`, `grpc`): each process listens on its own address,
+/// finds subscribers through a registry, and keeps what waits for one in its inbox.
+pub(crate) fn is_peer_to_peer(backend: &str) -> bool {
+    matches!(backend, "http" | "grpc")
+}
+
 /// Parses a positive number of seconds, fractions allowed (`1`, `0.5`).
 pub(crate) fn parse_seconds(value: &str) -> Result<Duration, String> {
     let secs: f64 = value.trim().parse().map_err(|_| format!("expected a number of seconds, got {value:?}"))?;

@@ -417,6 +417,41 @@ fn the_email_service_role_is_hidden() {
     assert!(!run.stdout.contains("--role") && !run.stdout.contains("--run-id"), "{}", run.stdout);
 }
 
+#[test]
+fn pub_sub_and_demo_over_grpc() {
+    // Built with the feature `grpc` (scripts/test does): the peer-to-peer gRPC backend, like http
+    // over the default registry (local), the subscriber and the publisher in two processes.
+    if !linked_backends().iter().any(|name| name == "grpc") {
+        eprintln!("SKIP pub_sub_and_demo_over_grpc: grpc is not linked (build broker-cli with --features grpc)");
+        return;
+    }
+    let env = [("MICRO_BROKER", "grpc")];
+    let topic = unique_topic("grpc-two-processes");
+    let mut sub = Background::start(&["sub", &topic, "--count", "2", "--timeout", "30"], &env);
+    let line = sub.stderr_line(Duration::from_secs(20));
+    assert!(line.starts_with(&format!("broker: subscribed to \"{topic}\" over grpc at 127.0.0.1:")), "{line}");
+
+    let run = broker(&["pub", &topic, "hello", "-H", "trace=abc", "-n", "2"], &env, None);
+    assert_eq!(run.code(), Some(0), "{run:#?}");
+    assert_eq!(run.stderr, format!("published 2 messages to \"{topic}\" over grpc\n"), "{run:#?}");
+    let (status, stdout, stderr) = sub.finish();
+    assert!(status.success(), "{status:?} {stdout} {stderr:?}");
+    let expected = format!(r#"{{"topic":"{topic}","headers":{{"trace":"abc"}},"body":"hello"}}"#);
+    assert_eq!(stdout, format!("{expected}\n{expected}\n"), "{stderr:?}");
+
+    // The demo: half of the events wait in the user service's inbox until the email service registers.
+    let run = broker(&["demo"], &env, None);
+    assert_eq!(run.code(), Some(0), "{run:#?}");
+    let summary = "demo: published 10 (5 before the email service started), delivered 10 (5 of them from that backlog): \
+                   all 10 users welcomed exactly once";
+    assert_eq!(run.stdout.lines().last(), Some(summary), "{run:#?}");
+    assert_welcomed_once_each(&run, 10);
+
+    let run = broker(&["demo"], &[("MICRO_BROKER", "grpc"), ("MICRO_REGISTRY", "memory")], None);
+    assert_eq!(run.code(), Some(1), "{run:#?}");
+    assert!(run.error_line().contains("MICRO_REGISTRY=memory is seen by one process only"), "{run:#?}");
+}
+
 /// The server backends linked into this binary, with their test server's URL from
 /// `BROKER_TEST_<BACKEND>_URL` (`redis-streams` uses Redis's). A linked backend without one is
 /// skipped, or fails the test when `BROKER_TEST_REQUIRE=all` (as in CI).
@@ -425,7 +460,7 @@ fn linked_server_backends(test: &str) -> Vec<(String, String)> {
     let mut found = Vec::new();
     for name in linked_backends() {
         let family = if name == "redis-streams" { "redis" } else { name.as_str() };
-        if matches!(family, "memory" | "http") {
+        if matches!(family, "memory" | "http" | "grpc") {
             continue;
         }
         let var = format!("BROKER_TEST_{}_URL", family.to_ascii_uppercase().replace('-', "_"));

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use broker_core::{Message, Result};
-use broker_registry::outbox::{self, DeliveryCounters, Outcome, Transport};
+use broker_registry::outbox::{self, DeliveryCounters, Outcome, Transport, error_chain};
 use broker_registry::{Cache, Node};
 use bytes::Bytes;
 use tonic::Code;
@@ -150,18 +150,6 @@ pub(crate) fn classify(status: &tonic::Status) -> Outcome {
         // Too large, bad message, wrong secret, not a broker at that address: for good.
         _ => Outcome::Refused(detail),
     }
-}
-
-/// An error with its sources, `a: b: c`.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Checks a message against `max_message_bytes` before it goes into the inbox (with room for a

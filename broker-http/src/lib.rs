@@ -45,6 +45,7 @@ use broker_core::{
     Broker, BrokerOptions, Capabilities, Error, ErrorKind, Handler, Message, PublishOptions, Result, RunningState,
     SubscribeOptions, Subscriber, validate_topic,
 };
+use broker_registry::endpoint;
 use broker_registry::outbox::DeliveryCounters;
 use broker_registry::{Cache, Node, Service, SharedRegistry};
 use tokio_util::sync::CancellationToken;
@@ -139,7 +140,7 @@ struct Running {
     advertise: String,
     /// Whether the endpoint serves HTTPS (registered as `"secure": "true"`).
     secure: bool,
-    subscriptions: server::Subscriptions,
+    subscriptions: endpoint::Subscriptions,
     outbox: Arc<outbox::Outbox>,
     server_stop: CancellationToken,
     server_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -361,7 +362,7 @@ impl Broker for HttpBroker {
             bound,
             advertise,
             secure,
-            subscriptions: server::Subscriptions::default(),
+            subscriptions: endpoint::Subscriptions::default(),
             outbox,
             server_stop: CancellationToken::new(),
             server_task: Mutex::new(None),
@@ -432,7 +433,7 @@ impl Broker for HttpBroker {
         validate_topic(topic)?;
         CAPABILITIES.check_subscribe(NAME, &options)?;
         let service = self.node_for(&running, topic, options.queue.as_deref());
-        let subscription = server::Subscription::new(topic, service.clone(), handler, options.clone());
+        let subscription = endpoint::Subscription::new(topic, service.clone(), handler, options.clone());
         running.subscriptions.insert(Arc::clone(&subscription));
         if let Err(e) = running.registry.register(&service, running.config.register_ttl).await {
             running.subscriptions.remove(&subscription);
@@ -467,11 +468,7 @@ async fn heartbeat(running: std::sync::Weak<Running>, stop: CancellationToken) {
             _ = tokio::time::sleep(interval) => {}
         }
         let Some(running) = running.upgrade() else { return };
-        for service in running.subscriptions.services() {
-            if let Err(e) = running.registry.register(&service, running.config.register_ttl).await {
-                tracing::warn!(error = %e, service = %service.name, "http broker: re-registration failed");
-            }
-        }
+        running.subscriptions.register_all(running.registry.as_ref(), running.config.register_ttl, NAME).await;
     }
 }
 
@@ -479,7 +476,7 @@ async fn heartbeat(running: std::sync::Weak<Running>, stop: CancellationToken) {
 struct HttpSubscriber {
     topic: String,
     options: SubscribeOptions,
-    subscription: Arc<server::Subscription>,
+    subscription: Arc<endpoint::Subscription>,
     running: std::sync::Weak<Running>,
 }
 
@@ -508,19 +505,7 @@ impl Subscriber for HttpSubscriber {
 
     async fn unsubscribe(&self) -> Result<()> {
         let Some(running) = self.running.upgrade() else { return Ok(()) };
-        if !running.subscriptions.remove(&self.subscription) {
-            return Ok(());
-        }
-        let deregistered = running.registry.deregister(&self.subscription.service).await;
-        self.subscription.tasks.close();
-        let waited = tokio::time::timeout(running.drain_timeout, self.subscription.wait_for_handlers()).await;
-        deregistered?;
-        waited.map_err(|_| {
-            Error::new(
-                ErrorKind::Timeout,
-                format!("unsubscribe from {:?}: handlers still running after {:?}", self.topic, running.drain_timeout),
-            )
-        })
+        running.subscriptions.unsubscribe(&self.subscription, running.registry.as_ref(), running.drain_timeout).await
     }
 }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use broker_core::{Message, Result};
-use broker_registry::outbox::{self, DeliveryCounters, OutboxConfig, Outcome, Transport};
+use broker_registry::outbox::{self, DeliveryCounters, OutboxConfig, Outcome, Transport, error_chain};
 use broker_registry::{Cache, Node};
 use bytes::Bytes;
 use http::{Request, StatusCode};
@@ -130,18 +130,6 @@ impl Transport for HttpTransport {
     async fn send(&self, node: &Node, body: &Bytes, attempt: u32) -> Outcome {
         self.post(node, body, attempt).await
     }
-}
-
-/// An error with its sources, `a: b: c` (hyper's own message alone says only "client error (Connect)").
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 fn classify(status: StatusCode, detail: String) -> Outcome {

@@ -6,17 +6,11 @@
 //! over the limit (refused from `Content-Length` before reading, or once the limit is crossed);
 //! 500 the handler failed or nacked; 503 shutting down.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::Weak;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use broker_core::{
-    Acknowledger, Event, Handler, Message, Result, SubscribeOptions, headers, run_handler, scope_handler,
-};
-use broker_registry::Service;
+use broker_registry::endpoint::Delivery;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -26,190 +20,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::{Running, SECRET_HEADER, lock, tls, wire};
-
-/// One local subscription, as the endpoint sees it.
-pub(crate) struct Subscription {
-    topic: String,
-    node_id: String,
-    /// The registry entry (one node) this subscription registers.
-    pub(crate) service: Service,
-    handler: Arc<dyn Handler>,
-    options: SubscribeOptions,
-    limit: Arc<Semaphore>,
-    active: AtomicBool,
-    /// Handlers of this subscription that are running; `unsubscribe()` waits for them.
-    pub(crate) tasks: TaskTracker,
-}
-
-impl Subscription {
-    pub(crate) fn new(
-        topic: &str,
-        service: Service,
-        handler: Arc<dyn Handler>,
-        options: SubscribeOptions,
-    ) -> Arc<Self> {
-        let node_id = service.nodes.first().map(|n| n.id.clone()).unwrap_or_default();
-        Arc::new(Subscription {
-            topic: topic.to_string(),
-            node_id,
-            service,
-            handler,
-            limit: Arc::new(Semaphore::new(options.concurrency)),
-            options,
-            active: AtomicBool::new(true),
-            tasks: TaskTracker::new(),
-        })
-    }
-
-    pub(crate) fn node_id(&self) -> &str {
-        &self.node_id
-    }
-
-    /// Waits for this subscription's running handlers, except the one calling (an
-    /// `unsubscribe()` from inside its own handler).
-    pub(crate) async fn wait_for_handlers(self: &Arc<Self>) {
-        broker_core::wait_for_other_handlers(&self.tasks, Arc::as_ptr(self) as usize).await;
-    }
-
-    /// Runs the handler on one delivery and says how it ended.
-    async fn deliver(self: &Arc<Self>, running: &Arc<Running>, message: Message, attempt: u32) -> Delivery {
-        let Ok(permit) = Arc::clone(&self.limit).acquire_owned().await else { return Delivery::Gone };
-        // Taken before the check, so that unsubscribe() either sees this delivery or it sees
-        // the subscription gone: never a handler starting after unsubscribe() returned.
-        let token = self.tasks.token();
-        if !self.active.load(Ordering::Acquire) {
-            return Delivery::Gone;
-        }
-        let settle = Arc::new(Settle::default());
-        let event = Event::builder(self.topic.as_str(), message.clone())
-            .attempt(attempt)
-            .acknowledger(HttpAck(Arc::clone(&settle)))
-            .build();
-        let handler = Arc::clone(&self.handler);
-        let auto_ack = self.options.auto_ack;
-        // Spawned, so that a publisher that gives up waiting does not cancel a running handler.
-        let task = running.handlers.spawn(scope_handler(Arc::as_ptr(self) as usize, async move {
-            let outcome = run_handler(handler.as_ref(), event, auto_ack).await;
-            drop(permit);
-            drop(token);
-            outcome
-        }));
-        let outcome = task.await;
-        let reason = match settle.state.load(Ordering::Acquire) {
-            ACKED => return Delivery::Handled,
-            NACKED => lock(&settle.reason).clone().unwrap_or_else(|| "nacked".into()),
-            _ => match outcome {
-                Ok(Err(e)) => e.to_string(),
-                Ok(Ok(())) => "the handler returned without acking (auto-ack is off)".into(),
-                Err(e) => format!("the handler task ended abnormally: {e}"),
-            },
-        };
-        match self.options.max_redeliveries {
-            Some(max) if attempt > max => self.dead_letter(running, message, attempt, &reason),
-            _ => Delivery::Failed(reason),
-        }
-    }
-
-    /// Past `max_redeliveries`: hand the message to `<topic>.dlq` and call it handled.
-    fn dead_letter(&self, running: &Running, message: Message, attempt: u32, reason: &str) -> Delivery {
-        let dlq = format!("{}.dlq", self.topic);
-        let message = message
-            .with_header(headers::DEAD_LETTER_REASON, reason)
-            .with_header(headers::DELIVERY_ATTEMPTS, attempt.to_string())
-            .with_header(headers::ORIGINAL_TOPIC, self.topic.clone());
-        match running.outbox.publish(&dlq, &message) {
-            Ok(()) => Delivery::Handled,
-            Err(e) => Delivery::Failed(format!("{reason}; and dead-lettering to {dlq} failed: {e}")),
-        }
-    }
-}
-
-enum Delivery {
-    Handled,
-    Failed(String),
-    Gone,
-}
-
-const ACKED: u8 = 1;
-const NACKED: u8 = 2;
-
-#[derive(Default)]
-struct Settle {
-    state: AtomicU8,
-    reason: Mutex<Option<String>>,
-}
-
-/// The HTTP response is the acknowledgement: this records which one to send.
-struct HttpAck(Arc<Settle>);
-
-#[async_trait]
-impl Acknowledger for HttpAck {
-    async fn ack(&self) -> Result<()> {
-        self.0.state.store(ACKED, Ordering::Release);
-        Ok(())
-    }
-
-    async fn nack(&self, reason: &str) -> Result<()> {
-        *lock(&self.0.reason) = Some(reason.to_string());
-        self.0.state.store(NACKED, Ordering::Release);
-        Ok(())
-    }
-}
-
-/// The local subscriptions by node id. Our node ids are unique per subscription; a list keeps
-/// Go Micro's rule that a POST runs every local subscription carrying the id it names.
-#[derive(Default)]
-pub(crate) struct Subscriptions {
-    by_node: RwLock<HashMap<String, Vec<Arc<Subscription>>>>,
-}
-
-impl Subscriptions {
-    pub(crate) fn insert(&self, subscription: Arc<Subscription>) {
-        let mut map = self.by_node.write().unwrap_or_else(|p| p.into_inner());
-        map.entry(subscription.node_id.clone()).or_default().push(subscription);
-    }
-
-    /// Removes one subscription; false if it was already gone.
-    pub(crate) fn remove(&self, subscription: &Arc<Subscription>) -> bool {
-        subscription.active.store(false, Ordering::Release);
-        let mut map = self.by_node.write().unwrap_or_else(|p| p.into_inner());
-        let Some(list) = map.get_mut(&subscription.node_id) else { return false };
-        let before = list.len();
-        list.retain(|s| !Arc::ptr_eq(s, subscription));
-        let removed = list.len() != before;
-        if list.is_empty() {
-            map.remove(&subscription.node_id);
-        }
-        removed
-    }
-
-    /// Removes every subscription; returns their registry entries.
-    pub(crate) fn remove_all(&self) -> Vec<Service> {
-        let mut map = self.by_node.write().unwrap_or_else(|p| p.into_inner());
-        map.drain()
-            .flat_map(|(_, list)| list)
-            .map(|s| {
-                s.active.store(false, Ordering::Release);
-                s.service.clone()
-            })
-            .collect()
-    }
-
-    pub(crate) fn services(&self) -> Vec<Service> {
-        let map = self.by_node.read().unwrap_or_else(|p| p.into_inner());
-        map.values().flatten().map(|s| s.service.clone()).collect()
-    }
-
-    fn get(&self, node_id: &str) -> Vec<Arc<Subscription>> {
-        let map = self.by_node.read().unwrap_or_else(|p| p.into_inner());
-        map.get(node_id).cloned().unwrap_or_default()
-    }
-}
+use crate::{Running, SECRET_HEADER, tls, wire};
 
 /// Accepts connections until `stop`, then lets open requests finish (bounded).
 pub(crate) async fn serve(
@@ -302,7 +115,7 @@ pub(crate) async fn handle(running: Weak<Running>, request: Request<Incoming>) -
     };
     let query = Query::parse(parts.uri.query());
     let subscriptions: Vec<_> =
-        running.subscriptions.get(&query.id).into_iter().filter(|s| s.topic == decoded.topic).collect();
+        running.subscriptions.get(&query.id).into_iter().filter(|s| s.topic() == decoded.topic).collect();
     if subscriptions.is_empty() {
         return status(
             StatusCode::NOT_FOUND,
@@ -312,7 +125,8 @@ pub(crate) async fn handle(running: Weak<Running>, request: Request<Incoming>) -
     let mut failures = Vec::new();
     let mut handled = 0;
     for subscription in &subscriptions {
-        match subscription.deliver(&running, decoded.message.clone(), query.attempt).await {
+        let dead_letter = |dlq: &str, message: &broker_core::Message| running.outbox.publish(dlq, message);
+        match subscription.deliver(&running.handlers, decoded.message.clone(), query.attempt, &dead_letter).await {
             Delivery::Handled => handled += 1,
             Delivery::Failed(reason) => failures.push(reason),
             Delivery::Gone => {}

@@ -13,10 +13,11 @@
 //!   runtime directory, so processes on one host find each other with no server and no multicast.
 //! - `etcd` (cargo feature `etcd`): Go Micro's etcd layout, for several hosts.
 //!
-//! [`Cache`] keeps lookups local and fresh by watching. With the feature `outbox`, [`outbox`] is
-//! the publisher the peer-to-peer backends share: a bounded per-topic inbox, delivery to the nodes
-//! the registry lists, retry with backoff and failover within a queue group, over a backend's
-//! own transport.
+//! [`Cache`] keeps lookups local and fresh by watching. With the feature `outbox`, what the
+//! peer-to-peer backends (`http`, `grpc`) share beside the registry: `outbox`, the publisher
+//! (a bounded per-topic inbox, delivery to the nodes the registry lists, retry with backoff and
+//! failover within a queue group, over a backend's own transport), and `endpoint`, the
+//! subscriber side (local subscriptions by node id, one delivery with its ack and dead letter).
 //!
 //! ```
 //! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
@@ -37,6 +38,8 @@
 
 mod cache;
 mod common;
+#[cfg(feature = "outbox")]
+pub mod endpoint;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod local;

@@ -687,6 +687,19 @@ impl<T: Transport> Drop for Outbox<T> {
     }
 }
 
+/// An error with its sources, `a: b: c` (a client's own message alone often says only
+/// "client error (Connect)"): for a [`Transport`]'s failure reasons.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// 10 ms after the first failure, doubling, at most 2 s.
 fn retry_backoff(attempt: u32) -> Duration {
     Duration::from_millis(10u64 << attempt.saturating_sub(1).min(8)).min(Duration::from_secs(2))

@@ -1,7 +1,11 @@
 //! Interop with other languages' clients: a message we publish is read, headers included, by
 //! Python's pika (AMQP) and confluent-kafka (Kafka, with its own modern librdkafka), run from
 //! `integration-tests/interop/*.py` with the interpreter in `BROKER_TEST_PYTHON`
-//! (`scripts/services/python-clients.sh` makes a virtualenv with both and prints that variable).
+//! (`scripts/services/python-clients.sh` makes a virtualenv with them and prints that variable).
+//! For the grpc backend, which has no server, the peer is Python's grpcio with stubs that
+//! Google's protoc (grpcio-tools) generates from Go Micro's proto (`interop/broker.proto`): it
+//! calls our subscriber, and serves the calls of our publisher, with the registry entries of Go
+//! Micro's gRPC broker.
 //!
 //! Without `BROKER_TEST_PYTHON`, or without the backend's server, a test prints `SKIP` and
 //! passes, unless `BROKER_TEST_REQUIRE` asks for it (`all`, or a list naming `python`).
@@ -11,9 +15,13 @@ use std::path::PathBuf;
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
-use broker_core::{Broker, BrokerOptions, Message, PublishOptions};
+use std::sync::Arc;
+
+use broker_core::{Broker, BrokerOptions, Event, Message, PublishOptions, SubscribeOptions, handler_fn};
+use broker_grpc::GrpcBroker;
 use broker_kafka as _;
 use broker_rabbitmq as _;
+use broker_registry::{MemoryRegistry, Node, Registry, Service};
 use integration_tests::servers::{self, ENV_REQUIRE};
 use integration_tests::support::unique_topic;
 use serde_json::Value;
@@ -142,5 +150,127 @@ async fn confluent_kafka_reads_what_we_publish_to_kafka_headers_and_key_included
         .collect();
     assert!(headers.contains(&("Order-Id".into(), "42".into())), "record headers: {headers:?}");
     assert!(headers.contains(&("Content-Type".into(), "text/plain".into())), "record headers: {headers:?}");
+    broker.disconnect().await.unwrap();
+}
+
+/// The Python peer of the grpc tests: no server needed, only the interpreter.
+fn grpc_python(test: &str) -> Option<String> {
+    python(test)
+}
+
+/// One call of `grpc_peer.py` (publish / garbage): what it printed.
+async fn grpc_peer_call(python: &str, args: &[&str]) -> String {
+    let mut peer = PythonClient::start(python, "grpc_peer.py", args);
+    peer.line(&format!("grpc_peer.py {}", args.join(" "))).await
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcio_publishes_to_our_grpc_subscriber_with_go_micros_registry_entry() {
+    let Some(python) = grpc_python("grpcio_publishes_to_our_grpc_subscriber") else { return };
+    let registry = Arc::new(MemoryRegistry::new());
+    let broker = GrpcBroker::with_registry(BrokerOptions::new(), registry.clone()).unwrap();
+    broker.connect().await.unwrap();
+    let topic = unique_topic("interop.grpcio.sub");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let handler = handler_fn(move |event: Event| {
+        let tx = tx.clone();
+        async move {
+            if event.message().body() == b"fail" {
+                return Err("refused on purpose".into());
+            }
+            tx.send(event.message().clone())?;
+            Ok(())
+        }
+    });
+    let sub = broker.subscribe(&topic, handler.clone(), SubscribeOptions::new()).await.unwrap();
+    let queued = broker.subscribe(&topic, handler, SubscribeOptions::new().with_queue("workers")).await.unwrap();
+
+    // The registry entries, as Go Micro's gRPC broker writes and reads them.
+    let services = registry.get_service(&format!("topic:{topic}")).await.unwrap();
+    let versions: Vec<&str> = services.iter().map(|s| s.version.as_str()).collect();
+    assert_eq!(versions, ["ff.grpc.broadcast", "workers"], "{services:?}");
+    let node = &services[0].nodes[0];
+    assert_eq!(services[0].nodes.len(), 1);
+    assert_eq!(Some(node.id.as_str()), sub.id());
+    assert!(node.id.starts_with("broker-") && node.id.contains('.'), "Go Micro's broker-<uuid>.<uuid>: {}", node.id);
+    assert_eq!(node.address, broker.address());
+    assert_eq!(node.metadata, [("secure".to_string(), "false".to_string())].into());
+    assert!(services[0].metadata.is_none() && services[0].endpoints.is_none());
+
+    // An independent client calls /Broker/Publish with the node id from the registry.
+    let address = node.address.clone();
+    let said = grpc_peer_call(
+        &python,
+        &["publish", &address, &topic, &node.id, "hello", "Content-Type=text/plain", "trace=abc"],
+    )
+    .await;
+    assert_eq!(said, "ok");
+    let got = tokio::time::timeout(LINE_WAIT, rx.recv()).await.unwrap().unwrap();
+    assert_eq!(got.body(), b"hello");
+    assert_eq!(got.header("Content-Type"), Some("text/plain"));
+    assert_eq!(got.header("trace"), Some("abc"));
+
+    // What our subscriber refuses, with the status that says why.
+    let said = grpc_peer_call(&python, &["publish", &address, &topic, "broker-nobody.none", "x"]).await;
+    assert!(said.starts_with("error NOT_FOUND"), "{said}");
+    let said = grpc_peer_call(&python, &["publish", &address, "", &node.id, "x"]).await;
+    assert!(said.starts_with("error INVALID_ARGUMENT"), "{said}");
+    let said = grpc_peer_call(&python, &["publish", &address, &topic, &node.id, "fail"]).await;
+    assert!(said.starts_with("error INTERNAL") && said.contains("refused on purpose"), "{said}");
+    let said = grpc_peer_call(&python, &["garbage", &address]).await;
+    assert!(said.starts_with("error INTERNAL"), "a body that is not a Message: {said}");
+    // And it still serves afterwards.
+    let said = grpc_peer_call(&python, &["publish", &address, &topic, &node.id, "again"]).await;
+    assert_eq!(said, "ok");
+    assert_eq!(tokio::time::timeout(LINE_WAIT, rx.recv()).await.unwrap().unwrap().body(), b"again");
+
+    queued.unsubscribe().await.unwrap();
+    sub.unsubscribe().await.unwrap();
+    broker.disconnect().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_grpc_publisher_reaches_a_grpcio_server_found_in_the_registry() {
+    let Some(python) = grpc_python("our_grpc_publisher_reaches_a_grpcio_server") else { return };
+    let mut server = PythonClient::start(&python, "grpc_peer.py", &["serve"]);
+    let listening = server.line("grpcio server starting").await;
+    let port = listening.strip_prefix("listening ").unwrap_or_else(|| panic!("{listening}"));
+    let address = format!("127.0.0.1:{port}");
+
+    // A Go Micro gRPC-broker subscriber's entries: one broadcast node, one queue group node.
+    let registry = Arc::new(MemoryRegistry::new());
+    let topic = unique_topic("interop.grpcio.pub");
+    let broadcast = Node::new("broker-go.broadcast", address.clone()).with_metadata("secure", "false");
+    let grouped = Node::new("broker-go.grouped", address.clone()).with_metadata("secure", "false");
+    for (version, node) in [("ff.grpc.broadcast", broadcast), ("emails", grouped)] {
+        let service = Service::new(format!("topic:{topic}"), version).with_node(node);
+        registry.register(&service, std::time::Duration::from_secs(60)).await.unwrap();
+    }
+
+    let broker = GrpcBroker::with_registry(BrokerOptions::new(), registry).unwrap();
+    broker.connect().await.unwrap();
+    let body: Vec<u8> = vec![0, 255, b'h', b'i', 10];
+    let message =
+        Message::new(body.clone()).with_header("Content-Type", "application/octet-stream").with_header("trace", "abc");
+    let report = broker.publish_confirmed(&topic, message, PublishOptions::new()).await.unwrap();
+    let mut delivered = report.delivered.clone();
+    delivered.sort();
+    assert_eq!(delivered, ["broker-go.broadcast", "broker-go.grouped"], "{report:?}");
+
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let seen: Value = serde_json::from_str(&server.line("the grpcio server receiving").await).unwrap();
+        assert_eq!(seen["topic"], topic.as_str());
+        assert_eq!(seen["body"], hex(&body), "the body byte for byte");
+        assert_eq!(seen["header"]["trace"], "abc");
+        assert_eq!(seen["header"]["Content-Type"], "application/octet-stream");
+        ids.push(seen["id"].as_str().unwrap().to_string());
+    }
+    ids.sort();
+    assert_eq!(ids, ["broker-go.broadcast", "broker-go.grouped"], "each call names the node it is for");
     broker.disconnect().await.unwrap();
 }

@@ -39,7 +39,7 @@ use clap::{Args, ValueEnum};
 use micro_broker::Broker;
 use serde::{Deserialize, Serialize};
 
-use crate::cli::{BrokerArgs, parse_seconds};
+use crate::cli::{BrokerArgs, is_peer_to_peer, parse_seconds};
 use crate::error::CliError;
 use crate::output::say;
 
@@ -149,7 +149,7 @@ async fn two_processes(
 ) -> Result<Report, CliError> {
     check_registry_reaches_other_processes(broker)?;
     let backlog = backlog_size(broker, users.len());
-    let listening = if broker.name() == micro_broker::http::NAME {
+    let listening = if is_peer_to_peer(broker.name()) {
         format!(", broker listening on {}", broker.address())
     } else {
         String::new()
@@ -184,22 +184,23 @@ async fn two_processes(
 }
 
 /// How many events to publish before the email service exists: half, where such events are kept
-/// (the http backend's inbox, a persistent backend); none elsewhere, where they would be lost.
+/// (the inbox of the http and grpc backends, a persistent backend); none elsewhere, where they
+/// would be lost.
 fn backlog_size(broker: &dyn Broker, users: usize) -> usize {
-    if broker.name() == micro_broker::http::NAME || broker.capabilities().persistence { users.div_ceil(2) } else { 0 }
+    if is_peer_to_peer(broker.name()) || broker.capabilities().persistence { users.div_ceil(2) } else { 0 }
 }
 
 fn where_the_backlog_waits(broker: &dyn Broker) -> String {
-    if broker.name() == micro_broker::http::NAME {
+    if is_peer_to_peer(broker.name()) {
         "they wait in this process's inbox until a subscriber registers".to_string()
     } else {
         format!("the {} backend keeps them until a subscriber comes", broker.name())
     }
 }
 
-/// The http backend with the in-process `memory` registry cannot reach another process.
+/// The http and grpc backends with the in-process `memory` registry cannot reach another process.
 fn check_registry_reaches_other_processes(broker: &dyn Broker) -> Result<(), CliError> {
-    if broker.name() != micro_broker::http::NAME {
+    if !is_peer_to_peer(broker.name()) {
         return Ok(());
     }
     let registry = std::env::var("MICRO_REGISTRY").unwrap_or_default();

@@ -167,7 +167,7 @@ impl Drop for EmailProcess {
 }
 
 /// `demo --role email-service ...` with this run's settings and the backend named explicitly.
-/// The http backend's address is where a process listens, so the email service does not get the
+/// The address of the http and grpc backends is where a process listens, so the email service does not get the
 /// user service's one (unless it is a port-0 address: any free port).
 fn child_args(broker_args: &BrokerArgs, backend: &str, args: &DemoArgs, run_id: &str) -> Vec<String> {
     let mut child_args = vec![
@@ -185,7 +185,7 @@ fn child_args(broker_args: &BrokerArgs, backend: &str, args: &DemoArgs, run_id: 
     ];
     let address = broker_args.address.as_deref().map(str::trim).filter(|a| !a.is_empty());
     let shareable = |address: &str| {
-        backend != micro_broker::http::NAME || address.parse::<std::net::SocketAddr>().is_ok_and(|a| a.port() == 0)
+        !crate::cli::is_peer_to_peer(backend) || address.parse::<std::net::SocketAddr>().is_ok_and(|a| a.port() == 0)
     };
     if let Some(address) = address.filter(|a| shareable(a)) {
         child_args.extend(["--broker-address".into(), address.into()]);

@@ -1,0 +1,268 @@
+//! The subscriber side shared by the peer-to-peer backends (`http`, `grpc`): the local
+//! subscriptions by node id, and one delivery to a handler with its acknowledgement, redelivery
+//! count and dead letter. Each backend's server decodes a request, finds the subscriptions here
+//! and answers what [`Subscription::deliver`] says (the answer is the acknowledgement).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use async_trait::async_trait;
+use std::time::Duration;
+
+use broker_core::{
+    Acknowledger, Error, ErrorKind, Event, Handler, Message, Result, SubscribeOptions, headers, run_handler,
+    scope_handler,
+};
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+
+use crate::common::lock;
+use crate::{Registry, Service};
+
+/// One local subscription, as the backend's endpoint sees it.
+pub struct Subscription {
+    topic: String,
+    node_id: String,
+    /// The registry entry (one node) this subscription registers.
+    pub service: Service,
+    handler: Arc<dyn Handler>,
+    options: SubscribeOptions,
+    limit: Arc<Semaphore>,
+    active: AtomicBool,
+    /// Handlers of this subscription that are running; `unsubscribe()` waits for them.
+    pub tasks: TaskTracker,
+}
+
+impl Subscription {
+    /// A subscription to `topic` registered as `service` (one node), running `handler`.
+    pub fn new(topic: &str, service: Service, handler: Arc<dyn Handler>, options: SubscribeOptions) -> Arc<Self> {
+        let node_id = service.nodes.first().map(|n| n.id.clone()).unwrap_or_default();
+        Arc::new(Subscription {
+            topic: topic.to_string(),
+            node_id,
+            service,
+            handler,
+            limit: Arc::new(Semaphore::new(options.concurrency)),
+            options,
+            active: AtomicBool::new(true),
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    /// The node id this subscription is registered under.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// The topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Waits for this subscription's running handlers, except the one calling (an
+    /// `unsubscribe()` from inside its own handler).
+    pub async fn wait_for_handlers(self: &Arc<Self>) {
+        broker_core::wait_for_other_handlers(&self.tasks, Arc::as_ptr(self) as usize).await;
+    }
+
+    /// Runs the handler on one delivery (in a task of `handlers`, which `disconnect()` waits for)
+    /// and says how it ended; past `max_redeliveries`, hands the message to `dead_letter`
+    /// (`<topic>.dlq` and the message, to publish).
+    pub async fn deliver(
+        self: &Arc<Self>,
+        handlers: &TaskTracker,
+        message: Message,
+        attempt: u32,
+        dead_letter: &(dyn Fn(&str, &Message) -> Result<()> + Sync),
+    ) -> Delivery {
+        let Ok(permit) = Arc::clone(&self.limit).acquire_owned().await else { return Delivery::Gone };
+        // Taken before the check, so that unsubscribe() either sees this delivery or it sees
+        // the subscription gone: never a handler starting after unsubscribe() returned.
+        let token = self.tasks.token();
+        if !self.active.load(Ordering::Acquire) {
+            return Delivery::Gone;
+        }
+        let settle = Arc::new(Settle::default());
+        let event = Event::builder(self.topic.as_str(), message.clone())
+            .attempt(attempt)
+            .acknowledger(AnswerAck(Arc::clone(&settle)))
+            .build();
+        let handler = Arc::clone(&self.handler);
+        let auto_ack = self.options.auto_ack;
+        // Spawned, so that a publisher that gives up waiting does not cancel a running handler.
+        let task = handlers.spawn(scope_handler(Arc::as_ptr(self) as usize, async move {
+            let outcome = run_handler(handler.as_ref(), event, auto_ack).await;
+            drop(permit);
+            drop(token);
+            outcome
+        }));
+        let outcome = task.await;
+        let reason = match settle.state.load(Ordering::Acquire) {
+            ACKED => return Delivery::Handled,
+            NACKED => lock(&settle.reason).clone().unwrap_or_else(|| "nacked".into()),
+            _ => match outcome {
+                Ok(Err(e)) => e.to_string(),
+                Ok(Ok(())) => "the handler returned without acking (auto-ack is off)".into(),
+                Err(e) => format!("the handler task ended abnormally: {e}"),
+            },
+        };
+        match self.options.max_redeliveries {
+            Some(max) if attempt > max => self.dead_letter(dead_letter, message, attempt, &reason),
+            _ => Delivery::Failed(reason),
+        }
+    }
+
+    /// Past `max_redeliveries`: hand the message to `<topic>.dlq` and call it handled.
+    fn dead_letter(
+        &self,
+        publish: &(dyn Fn(&str, &Message) -> Result<()> + Sync),
+        message: Message,
+        attempt: u32,
+        reason: &str,
+    ) -> Delivery {
+        let dlq = format!("{}.dlq", self.topic);
+        let message = message
+            .with_header(headers::DEAD_LETTER_REASON, reason)
+            .with_header(headers::DELIVERY_ATTEMPTS, attempt.to_string())
+            .with_header(headers::ORIGINAL_TOPIC, self.topic.clone());
+        match publish(&dlq, &message) {
+            Ok(()) => Delivery::Handled,
+            Err(e) => Delivery::Failed(format!("{reason}; and dead-lettering to {dlq} failed: {e}")),
+        }
+    }
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("topic", &self.topic)
+            .field("node_id", &self.node_id)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How one delivery ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// The handler acked (or the message was dead-lettered).
+    Handled,
+    /// The handler failed or nacked, and why: the publisher retries.
+    Failed(String),
+    /// The subscription has ended.
+    Gone,
+}
+
+const ACKED: u8 = 1;
+const NACKED: u8 = 2;
+
+#[derive(Default)]
+struct Settle {
+    state: AtomicU8,
+    reason: Mutex<Option<String>>,
+}
+
+/// The answer to the publisher is the acknowledgement: this records which one to send.
+struct AnswerAck(Arc<Settle>);
+
+#[async_trait]
+impl Acknowledger for AnswerAck {
+    async fn ack(&self) -> Result<()> {
+        self.0.state.store(ACKED, Ordering::Release);
+        Ok(())
+    }
+
+    async fn nack(&self, reason: &str) -> Result<()> {
+        *lock(&self.0.reason) = Some(reason.to_string());
+        self.0.state.store(NACKED, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// The local subscriptions by node id. Our node ids are unique per subscription; a list keeps
+/// Go Micro's rule that a delivery runs every local subscription carrying the id it names.
+#[derive(Debug, Default)]
+pub struct Subscriptions {
+    by_node: RwLock<HashMap<String, Vec<Arc<Subscription>>>>,
+}
+
+impl Subscriptions {
+    /// Adds a subscription.
+    pub fn insert(&self, subscription: Arc<Subscription>) {
+        let mut map = self.by_node.write().unwrap_or_else(|p| p.into_inner());
+        map.entry(subscription.node_id.clone()).or_default().push(subscription);
+    }
+
+    /// Removes one subscription; false if it was already gone.
+    pub fn remove(&self, subscription: &Arc<Subscription>) -> bool {
+        subscription.active.store(false, Ordering::Release);
+        let mut map = self.by_node.write().unwrap_or_else(|p| p.into_inner());
+        let Some(list) = map.get_mut(&subscription.node_id) else { return false };
+        let before = list.len();
+        list.retain(|s| !Arc::ptr_eq(s, subscription));
+        let removed = list.len() != before;
+        if list.is_empty() {
+            map.remove(&subscription.node_id);
+        }
+        removed
+    }
+
+    /// Removes every subscription; returns their registry entries.
+    pub fn remove_all(&self) -> Vec<Service> {
+        let mut map = self.by_node.write().unwrap_or_else(|p| p.into_inner());
+        map.drain()
+            .flat_map(|(_, list)| list)
+            .map(|s| {
+                s.active.store(false, Ordering::Release);
+                s.service.clone()
+            })
+            .collect()
+    }
+
+    /// The registry entries of every subscription (for the heartbeat).
+    pub fn services(&self) -> Vec<Service> {
+        let map = self.by_node.read().unwrap_or_else(|p| p.into_inner());
+        map.values().flatten().map(|s| s.service.clone()).collect()
+    }
+
+    /// Registers every subscription again: the heartbeat that keeps registry TTLs from expiring.
+    /// A failure is logged (the next heartbeat tries again).
+    pub async fn register_all(&self, registry: &dyn Registry, ttl: Duration, backend: &str) {
+        for service in self.services() {
+            if let Err(e) = registry.register(&service, ttl).await {
+                tracing::warn!(backend, error = %e, service = %service.name, "re-registration failed");
+            }
+        }
+    }
+
+    /// Ends `subscription`: no new delivery starts, it leaves the registry, and its running
+    /// handlers (except the one calling) get up to `drain_timeout` to finish. A second call does
+    /// nothing.
+    pub async fn unsubscribe(
+        &self,
+        subscription: &Arc<Subscription>,
+        registry: &dyn Registry,
+        drain_timeout: Duration,
+    ) -> Result<()> {
+        if !self.remove(subscription) {
+            return Ok(());
+        }
+        let deregistered = registry.deregister(&subscription.service).await;
+        subscription.tasks.close();
+        let waited = tokio::time::timeout(drain_timeout, subscription.wait_for_handlers()).await;
+        deregistered?;
+        waited.map_err(|_| {
+            Error::new(
+                ErrorKind::Timeout,
+                format!("unsubscribe from {:?}: handlers still running after {drain_timeout:?}", subscription.topic),
+            )
+        })
+    }
+
+    /// The subscriptions registered as `node_id`.
+    pub fn get(&self, node_id: &str) -> Vec<Arc<Subscription>> {
+        let map = self.by_node.read().unwrap_or_else(|p| p.into_inner());
+        map.get(node_id).cloned().unwrap_or_default()
+    }
+}
