@@ -63,6 +63,14 @@
 //! - HTTPS with rustls over ring and the system's roots; [`BrokerOptions::tls`] (own CA, client
 //!   certificates) is `Unsupported` (`tls: false`).
 //!
+//! ## What the tests verify, and what they cannot
+//! The conformance suite and `tests/sqs.rs` run against moto_server (`scripts/services/moto.sh`),
+//! which answers SNS → SQS fan-out with raw delivery, message attributes,
+//! `ChangeMessageVisibility`, `DeleteMessageBatch`, redrive policies and FIFO topics and queues.
+//! moto accepts any credentials and enforces neither queue policies nor the limit of 10 message
+//! attributes, and its SNS subscriptions take effect at once: refused credentials, the SNS → SQS
+//! permission and subscription propagation delays are written for AWS as documented, not tested.
+//!
 //! ```no_run
 //! # async fn demo() -> broker_core::Result<()> {
 //! use broker_core::{BrokerOptions, Message, PublishOptions};
@@ -172,12 +180,9 @@ struct Running {
 impl SqsBroker {
     /// An SQS broker with default options (AWS's endpoints, credentials from the environment).
     pub fn new() -> Self {
-        SqsBroker::with_options(BrokerOptions::default()).unwrap_or_else(|_| {
-            // The defaults only fail on a malformed AWS_* variable: fall back to no environment.
-            let options = BrokerOptions::default();
-            let config = SqsConfig::from_options_and_env(&options, &|_| None).unwrap_or_else(|_| unreachable_config());
-            SqsBroker::build(options, config)
-        })
+        // Default options cannot be rejected; should the environment ever be, ignore it.
+        SqsBroker::with_options(BrokerOptions::default())
+            .unwrap_or_else(|_| SqsBroker::build(BrokerOptions::default(), SqsConfig::default()))
     }
 
     /// An SQS broker with `options`; see [`config::PARAMS`] for its parameters. Does no I/O.
@@ -207,23 +212,6 @@ impl SqsBroker {
 
     fn config(&self) -> SqsConfig {
         self.inner.config.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-}
-
-/// The configuration of empty options without environment, which cannot fail; kept total anyway.
-fn unreachable_config() -> SqsConfig {
-    SqsConfig {
-        endpoint: None,
-        sns_endpoint: None,
-        region: config::DEFAULT_REGION.to_string(),
-        access_key_id: None,
-        secret_access_key: None,
-        session_token: None,
-        prefix: config::DEFAULT_PREFIX.to_string(),
-        wait_time: Duration::from_secs(20),
-        visibility_timeout: Duration::from_secs(30),
-        fifo: false,
-        tls_requested: false,
     }
 }
 
@@ -271,8 +259,9 @@ fn endpoint_text(config: &SqsConfig) -> String {
 fn clients(config: &SqsConfig, options: &BrokerOptions) -> Result<(aws_sdk_sqs::Client, aws_sdk_sns::Client)> {
     let (Some(key), Some(secret)) = (&config.access_key_id, &config.secret_access_key) else {
         return Err(Error::invalid_input(
-            "no AWS credentials: set the broker parameters access_key_id and secret_access_key, or the \
-             environment variables AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (any value for moto)",
+            "no AWS credentials: set the broker parameters access_key_id and secret_access_key, put them in \
+             the address (http://KEY:SECRET@host:port), or set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY \
+             (moto takes any value)",
         ));
     };
     let credentials =
