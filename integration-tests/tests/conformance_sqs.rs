@@ -42,4 +42,4 @@ fn skips() -> Vec<(&'static str, &'static str)> {
     skips
 }
 
-integration_tests::conformance_suite!(sqs, "sqs", sqs_for_tests, skip: &skips());
+integration_tests::conformance_suite!(sqs, "sqs", skip: &skips(), sqs_for_tests);
