@@ -97,6 +97,25 @@ impl fmt::Debug for SqsConfig {
     }
 }
 
+impl Default for SqsConfig {
+    /// The defaults, without looking at the environment: AWS's endpoints in [`DEFAULT_REGION`], no credentials.
+    fn default() -> Self {
+        SqsConfig {
+            endpoint: None,
+            sns_endpoint: None,
+            region: DEFAULT_REGION.to_string(),
+            access_key_id: None,
+            secret_access_key: None,
+            session_token: None,
+            prefix: DEFAULT_PREFIX.to_string(),
+            wait_time: Duration::from_secs(20),
+            visibility_timeout: Duration::from_secs(30),
+            fifo: false,
+            tls_requested: false,
+        }
+    }
+}
+
 impl SqsConfig {
     /// Reads the configuration from broker options and the AWS environment variables.
     pub fn from_options(options: &BrokerOptions) -> Result<Self> {
@@ -124,16 +143,12 @@ impl SqsConfig {
         };
         let mut config = SqsConfig {
             endpoint,
-            sns_endpoint: None,
             region: env("AWS_REGION").or_else(|| env("AWS_DEFAULT_REGION")).unwrap_or_else(|| DEFAULT_REGION.into()),
             access_key_id: url_key.clone().or_else(|| env("AWS_ACCESS_KEY_ID")),
             secret_access_key: url_key.and(url_secret).or_else(|| env("AWS_SECRET_ACCESS_KEY")),
             session_token: env("AWS_SESSION_TOKEN"),
-            prefix: DEFAULT_PREFIX.to_string(),
-            wait_time: Duration::from_secs(20),
-            visibility_timeout: Duration::from_secs(30),
-            fifo: false,
             tls_requested: options.tls.is_some(),
+            ..SqsConfig::default()
         };
         for (key, value) in &options.params {
             let value = value.trim();
@@ -271,7 +286,7 @@ fn percent_decode(text: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// Milliseconds of a duration as whole seconds for the SQS API, at least 1.
+/// A duration as whole seconds for the SQS API, at least 1.
 pub(crate) fn secs_i32(duration: Duration) -> i32 {
     i32::try_from(duration.as_secs().max(1)).unwrap_or(i32::MAX)
 }

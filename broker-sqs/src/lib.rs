@@ -30,7 +30,10 @@
 //!   than the subscription's free `concurrency`.
 //! - While a handler runs, its message's visibility timeout (`visibility_timeout_secs`, default
 //!   30) is extended every half of it, so a slow handler does not see its message redelivered.
-//! - With auto-ack, success deletes the message (`DeleteMessage`); a failure (or `Event::nack`)
+//! - With auto-ack, success deletes the message; deletes are batched (`DeleteMessageBatch`, what
+//!   was acked while the previous batch was under way) and `ack` does not wait for them: a delete
+//!   that fails is logged and the message is received again (a duplicate, never a loss);
+//!   unsubscribe and disconnect wait for the queued deletes. A failure (or `Event::nack`)
 //!   sets its visibility to 0, so it is received again at once. [`Event::attempt`] is SQS's
 //!   `ApproximateReceiveCount`.
 //! - After `max_redeliveries` redeliveries the message is **dead-lettered**: published to
@@ -62,6 +65,14 @@
 //! - Every SDK call is bounded (`publish_timeout`; a receive by its long-poll wait plus that).
 //! - HTTPS with rustls over ring and the system's roots; [`BrokerOptions::tls`] (own CA, client
 //!   certificates) is `Unsupported` (`tls: false`).
+//!
+//! ## What the tests verify, and what they cannot
+//! The conformance suite and `tests/sqs.rs` run against moto_server (`scripts/services/moto.sh`),
+//! which answers SNS → SQS fan-out with raw delivery, message attributes,
+//! `ChangeMessageVisibility`, `DeleteMessageBatch`, redrive policies and FIFO topics and queues.
+//! moto accepts any credentials and enforces neither queue policies nor the limit of 10 message
+//! attributes, and its SNS subscriptions take effect at once: refused credentials, the SNS → SQS
+//! permission and subscription propagation delays are written for AWS as documented, not tested.
 //!
 //! ```no_run
 //! # async fn demo() -> broker_core::Result<()> {
@@ -96,7 +107,7 @@ use broker_core::{
     Result, RunningState, SubscribeOptions, Subscriber, headers, run_handler, running_handler_of, scope_handler,
     validate_topic,
 };
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -172,12 +183,9 @@ struct Running {
 impl SqsBroker {
     /// An SQS broker with default options (AWS's endpoints, credentials from the environment).
     pub fn new() -> Self {
-        SqsBroker::with_options(BrokerOptions::default()).unwrap_or_else(|_| {
-            // The defaults only fail on a malformed AWS_* variable: fall back to no environment.
-            let options = BrokerOptions::default();
-            let config = SqsConfig::from_options_and_env(&options, &|_| None).unwrap_or_else(|_| unreachable_config());
-            SqsBroker::build(options, config)
-        })
+        // Default options cannot be rejected; should the environment ever be, ignore it.
+        SqsBroker::with_options(BrokerOptions::default())
+            .unwrap_or_else(|_| SqsBroker::build(BrokerOptions::default(), SqsConfig::default()))
     }
 
     /// An SQS broker with `options`; see [`config::PARAMS`] for its parameters. Does no I/O.
@@ -207,23 +215,6 @@ impl SqsBroker {
 
     fn config(&self) -> SqsConfig {
         self.inner.config.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-}
-
-/// The configuration of empty options without environment, which cannot fail; kept total anyway.
-fn unreachable_config() -> SqsConfig {
-    SqsConfig {
-        endpoint: None,
-        sns_endpoint: None,
-        region: config::DEFAULT_REGION.to_string(),
-        access_key_id: None,
-        secret_access_key: None,
-        session_token: None,
-        prefix: config::DEFAULT_PREFIX.to_string(),
-        wait_time: Duration::from_secs(20),
-        visibility_timeout: Duration::from_secs(30),
-        fifo: false,
-        tls_requested: false,
     }
 }
 
@@ -271,8 +262,9 @@ fn endpoint_text(config: &SqsConfig) -> String {
 fn clients(config: &SqsConfig, options: &BrokerOptions) -> Result<(aws_sdk_sqs::Client, aws_sdk_sns::Client)> {
     let (Some(key), Some(secret)) = (&config.access_key_id, &config.secret_access_key) else {
         return Err(Error::invalid_input(
-            "no AWS credentials: set the broker parameters access_key_id and secret_access_key, or the \
-             environment variables AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (any value for moto)",
+            "no AWS credentials: set the broker parameters access_key_id and secret_access_key, put them in \
+             the address (http://KEY:SECRET@host:port), or set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY \
+             (moto takes any value)",
         ));
     };
     let credentials =
@@ -508,64 +500,66 @@ struct Plan {
     queue_url: Arc<str>,
     options: SubscribeOptions,
     /// The subscription's batching deleter (see [`delete_in_batches`]).
-    acks: mpsc::UnboundedSender<AckRequest>,
+    acks: mpsc::UnboundedSender<String>,
 }
 
-/// One ack waiting for its `DeleteMessageBatch`: the receipt, and where to say how it went.
-struct AckRequest {
-    receipt: String,
-    done: oneshot::Sender<Result<()>>,
-}
-
-/// Deletes acked messages of one queue, up to 10 per `DeleteMessageBatch`: what was acked while
-/// the previous batch was under way goes in the next, so a lone ack waits for no timer. Ends when
-/// the subscription and its last event are gone.
+/// Deletes acked messages of one queue (their receipt handles), up to 10 per
+/// `DeleteMessageBatch`: what was acked while the previous batch was under way goes in the next,
+/// so a lone ack waits for no timer, and a handler's ack does not wait for the round trip (with
+/// concurrency 1 that would be one round trip per message). A delete that fails is logged: the
+/// message is received again after its visibility timeout (a duplicate, never a loss). On `flush`
+/// (unsubscribe, disconnect: the handlers are done) it deletes what is queued and ends; later acks
+/// delete one by one.
 async fn delete_in_batches(
     sqs: aws_sdk_sqs::Client,
     endpoint: String,
     queue_url: Arc<str>,
     limit: Duration,
-    mut requests: mpsc::UnboundedReceiver<AckRequest>,
+    mut receipts: mpsc::UnboundedReceiver<String>,
+    flush: CancellationToken,
 ) {
-    while let Some(first) = requests.recv().await {
+    loop {
+        let first = tokio::select! {
+            biased;
+            receipt = receipts.recv() => match receipt {
+                Some(receipt) => receipt,
+                None => return,
+            },
+            _ = flush.cancelled() => match receipts.try_recv() {
+                Ok(receipt) => receipt,
+                Err(_) => return,
+            },
+        };
         let mut batch = vec![first];
         while batch.len() < MAX_RECEIVE {
-            match requests.try_recv() {
-                Ok(request) => batch.push(request),
+            match receipts.try_recv() {
+                Ok(receipt) => batch.push(receipt),
                 Err(_) => break,
             }
         }
         let mut call = sqs.delete_message_batch().queue_url(&*queue_url);
-        for (i, request) in batch.iter().enumerate() {
+        for (i, receipt) in batch.iter().enumerate() {
             let entry = aws_sdk_sqs::types::DeleteMessageBatchRequestEntry::builder()
                 .id(i.to_string())
-                .receipt_handle(&request.receipt)
+                .receipt_handle(receipt)
                 .build();
             match entry {
                 Ok(entry) => call = call.entries(entry),
                 Err(error) => tracing::warn!(%error, "sqs broker: cannot build a delete entry"),
             }
         }
-        let outcome = error::bounded("ack (delete the messages)", &endpoint, limit, call.send()).await;
-        match outcome {
+        match error::bounded("ack (delete the messages)", &endpoint, limit, call.send()).await {
             Ok(output) => {
-                let failed: HashMap<String, String> = output
-                    .failed()
-                    .iter()
-                    .map(|f| (f.id().to_string(), format!("{}: {}", f.code(), f.message().unwrap_or_default())))
-                    .collect();
-                for (i, request) in batch.into_iter().enumerate() {
-                    let result = match failed.get(&i.to_string()) {
-                        Some(why) => Err(Error::new(ErrorKind::Backend, format!("ack (delete the message): {why}"))),
-                        None => Ok(()),
-                    };
-                    let _ = request.done.send(result);
+                for failed in output.failed() {
+                    tracing::warn!(
+                        code = failed.code(),
+                        message = failed.message().unwrap_or_default(),
+                        "sqs broker: an acked message was not deleted; it will be received again"
+                    );
                 }
             }
             Err(error) => {
-                for request in batch {
-                    let _ = request.done.send(Err(Error::new(error.kind(), error.message().to_string())));
-                }
+                tracing::warn!(%error, count = batch.len(), "sqs broker: acked messages were not deleted; they will be received again");
             }
         }
     }
@@ -578,6 +572,9 @@ struct SubState {
     pump: TaskTracker,
     handlers: TaskTracker,
     drain_timeout: Duration,
+    /// The batching deleter, and its signal to delete what is queued and end.
+    deleter: TaskTracker,
+    flush: CancellationToken,
     /// For a broadcast subscription: its queue, deleted once.
     temporary: Option<Cleanup>,
     cleaned: AtomicBool,
@@ -598,6 +595,15 @@ impl SubState {
         self.stop.cancel();
         self.pump.close();
         self.handlers.close();
+    }
+
+    /// Lets the deleter delete the acked messages it holds, then waits for it (bounded).
+    async fn flush_acks(&self, limit: Duration) {
+        self.flush.cancel();
+        self.deleter.close();
+        if tokio::time::timeout(limit, self.deleter.wait()).await.is_err() {
+            tracing::warn!("sqs broker: acked messages were still being deleted after {limit:?}");
+        }
     }
 
     /// Deletes the temporary queue, once.
@@ -788,7 +794,7 @@ struct Settle {
     attempt: u32,
     max_redeliveries: Option<u32>,
     limit: Duration,
-    acks: mpsc::UnboundedSender<AckRequest>,
+    acks: mpsc::UnboundedSender<String>,
 }
 
 impl Settle {
@@ -817,14 +823,10 @@ impl Acknowledger for SharedSettle {
 #[async_trait]
 impl Acknowledger for Settle {
     async fn ack(&self) -> Result<()> {
-        let (done, answer) = oneshot::channel();
-        if self.acks.send(AckRequest { receipt: self.receipt.clone(), done }).is_ok() {
-            match tokio::time::timeout(self.limit, answer).await {
-                Ok(Ok(result)) => return result,
-                Ok(Err(_)) => {} // The deleter is gone: delete alone below.
-                Err(_) => return Err(error::timeout("ack (delete the message)", self.limit)),
-            }
+        if self.acks.send(self.receipt.clone()).is_ok() {
+            return Ok(());
         }
+        // The deleter has flushed (after unsubscribe or disconnect): delete alone.
         let request = self.sqs.delete_message().queue_url(&*self.queue_url).receipt_handle(&self.receipt);
         error::bounded("ack (delete the message)", &self.endpoint, self.limit, request.send()).await.map(|_| ())
     }
@@ -925,6 +927,7 @@ impl Broker for SqsBroker {
         .await
         .is_ok();
         for sub in &subs {
+            sub.flush_acks(running.limit()).await;
             sub.clean_up(&running).await;
         }
         if drained {
@@ -991,16 +994,19 @@ impl Broker for SqsBroker {
             pump: TaskTracker::new(),
             handlers: TaskTracker::new(),
             drain_timeout: running.options.drain_timeout,
+            deleter: TaskTracker::new(),
+            flush: CancellationToken::new(),
             temporary: options.queue.is_none().then_some(cleanup),
             cleaned: AtomicBool::new(false),
         });
-        let (acks, requests) = mpsc::unbounded_channel();
-        tokio::spawn(delete_in_batches(
+        let (acks, receipts) = mpsc::unbounded_channel();
+        state.deleter.spawn(delete_in_batches(
             running.sqs.clone(),
             running.endpoint.clone(),
             Arc::clone(&queue_url),
             running.limit(),
-            requests,
+            receipts,
+            state.flush.clone(),
         ));
         let plan = Arc::new(Plan { topic: topic.into(), queue_url, options: options.clone(), acks });
         state.pump.spawn(pump(Arc::downgrade(&running), Arc::clone(&state), handler, plan));
@@ -1061,9 +1067,11 @@ impl Subscriber for SqsSubscriber {
                 let state = Arc::clone(state);
                 tokio::spawn(async move {
                     let _ = tokio::time::timeout(state.drain_timeout, state.handlers.wait()).await;
+                    state.flush_acks(running.limit()).await;
                     state.clean_up(&running).await;
                 });
             } else {
+                state.flush_acks(running.limit()).await;
                 state.clean_up(&running).await;
             }
         }

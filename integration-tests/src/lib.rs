@@ -330,9 +330,10 @@ macro_rules! conformance_suite {
         }
     };
     // A suite with cases that cannot hold on this backend for a reason its capabilities do not
-    // express (SQS's 256 KiB message limit): `skip: &[("case", "why")]`; each listed case prints
-    // `SKIP <backend>::<case>: <why>` and passes, and a name that is not a case fails every test.
-    ($module:ident, $backend:expr, $factory:expr, skip: $skips:expr $(,)?) => {
+    // express (SQS's 256 KiB message limit): `skip: &[("case", "why")]` before the factory; each
+    // listed case prints `SKIP <backend>::<case>: <why>` and passes, and a name that is not a case
+    // fails every test.
+    ($module:ident, $backend:expr, skip: $skips:expr, $factory:expr $(,)?) => {
         mod $module {
             #[allow(unused_imports)]
             use super::*;
