@@ -400,12 +400,23 @@ impl PublishOptions {
 /// Checks a topic name as every backend needs it: non-empty, at most 255 bytes, no whitespace or
 /// control characters, and no wildcard characters (`*`, `>`, `#`) that some servers would interpret.
 pub fn validate_topic(topic: &str) -> Result<()> {
-    const MAX: usize = 255;
-    if topic.is_empty() {
-        return Err(Error::invalid_input("topic must not be empty"));
+    if is_plain_ascii_topic(topic.as_bytes()) {
+        return Ok(());
     }
+    check_topic(topic)
+}
+
+/// The longest topic [`validate_topic`] accepts, in bytes.
+const MAX_TOPIC_BYTES: usize = 255;
+
+/// The full check of [`validate_topic`], saying what is wrong.
+fn check_topic(topic: &str) -> Result<()> {
+    const MAX: usize = MAX_TOPIC_BYTES;
     if topic.len() > MAX {
         return Err(Error::invalid_input(format!("topic is {} bytes long; at most {MAX} are allowed", topic.len())));
+    }
+    if topic.is_empty() {
+        return Err(Error::invalid_input("topic must not be empty"));
     }
     if let Some(c) = topic.chars().find(|c| c.is_whitespace() || c.is_control()) {
         return Err(Error::invalid_input(format!(
@@ -421,6 +432,25 @@ pub fn validate_topic(topic: &str) -> Result<()> {
         return Err(Error::invalid_input(format!("topic {topic:?} has an empty segment between dots")));
     }
     Ok(())
+}
+
+/// The fast path of [`validate_topic`], on every publish: one pass over the bytes of a printable
+/// ASCII topic that breaks no rule. Anything else (non-ASCII, or a rule broken) takes the full
+/// check, which accepts or names what is wrong.
+fn is_plain_ascii_topic(bytes: &[u8]) -> bool {
+    let (Some(&first), Some(&last)) = (bytes.first(), bytes.last()) else { return false };
+    if bytes.len() > MAX_TOPIC_BYTES || first == b'.' || last == b'.' {
+        return false;
+    }
+    let mut previous = 0u8;
+    for &b in bytes {
+        // <= b' ': ASCII controls and whitespace; >= 0x7f: DEL and every non-ASCII byte.
+        if b <= b' ' || b >= 0x7f || matches!(b, b'*' | b'>' | b'#') || (b == b'.' && previous == b'.') {
+            return false;
+        }
+        previous = b;
+    }
+    true
 }
 
 #[cfg(test)]
@@ -475,6 +505,27 @@ mod tests {
         for bad in ["", " ", "a b", "a\n", "a.*", "a.>", "#", ".a", "a.", "a..b", &"x".repeat(256)] {
             let err = validate_topic(bad).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::InvalidInput, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_topic_fast_path_agrees_with_the_full_check() {
+        let alphabet =
+            ["a", "Z", "0", "-", "_", ":", "/", ".", "*", ">", "#", " ", "\t", "\x7f", "\x01", "é", "\u{a0}"];
+        let mut topics = vec![String::new()];
+        for _ in 0..3 {
+            let longer: Vec<String> =
+                topics.iter().flat_map(|t| alphabet.iter().map(move |c| format!("{t}{c}"))).collect();
+            topics.extend(longer);
+        }
+        topics.extend(["x".repeat(255), "x".repeat(256)]);
+        for topic in &topics {
+            let full = check_topic(topic).is_ok();
+            let fast = is_plain_ascii_topic(topic.as_bytes());
+            assert!(!fast || full, "fast path accepts {topic:?}, the full check does not");
+            let printable_ascii = topic.bytes().all(|b| (b'!'..=b'~').contains(&b));
+            assert_eq!(fast, full && printable_ascii, "{topic:?}");
+            assert_eq!(validate_topic(topic).is_ok(), full, "{topic:?}");
         }
     }
 
