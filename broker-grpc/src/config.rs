@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use broker_core::params::{bad_value, positive};
-use broker_core::{BrokerOptions, Error, Result};
+use broker_core::{BrokerOptions, Error, Result, TlsOptions};
 use broker_registry::outbox::{OutboxConfig, OverflowPolicy};
 
 use crate::NAME;
@@ -55,6 +55,8 @@ pub struct GrpcConfig {
     pub register_ttl: Duration,
     /// Re-registration period.
     pub register_interval: Duration,
+    /// TLS: the endpoint's certificate and what publishers trust (feature `tls`; see [`crate::tls`]).
+    pub tls: Option<TlsOptions>,
 }
 
 impl fmt::Debug for GrpcConfig {
@@ -70,6 +72,7 @@ impl fmt::Debug for GrpcConfig {
             .field("outbox", &self.outbox)
             .field("register_ttl", &self.register_ttl)
             .field("register_interval", &self.register_interval)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -94,6 +97,7 @@ impl Default for GrpcConfig {
             },
             register_ttl: Duration::from_secs(60),
             register_interval: Duration::from_secs(30),
+            tls: None,
         }
     }
 }
@@ -102,15 +106,10 @@ impl GrpcConfig {
     /// Reads the configuration from broker options, rejecting unknown parameters and bad values.
     pub fn from_options(options: &BrokerOptions) -> Result<Self> {
         options.validate()?;
-        if options.tls.is_some() {
-            return Err(Error::unsupported(
-                NAME,
-                "tls",
-                "this version of the grpc backend speaks plain HTTP/2 between brokers only; use the http backend \
-                 (feature `tls`) for TLS between peers",
-            ));
+        if let Some(tls) = &options.tls {
+            crate::tls::check(tls)?;
         }
-        let mut config = GrpcConfig::default();
+        let mut config = GrpcConfig { tls: options.tls.clone(), ..GrpcConfig::default() };
         match options.addresses.as_slice() {
             [] => {}
             [one] => {
@@ -227,7 +226,11 @@ mod tests {
             (BrokerOptions::new().with_param("max_message_bytes", "0"), ErrorKind::InvalidInput, "max_message_bytes"),
             (BrokerOptions::new().with_param("dialect", "current"), ErrorKind::Unsupported, "dialect"),
             (BrokerOptions::new().with_param("register_interval_ms", "70000"), ErrorKind::InvalidInput, "register_ttl"),
-            (BrokerOptions::new().with_tls(TlsOptions::new()), ErrorKind::Unsupported, "tls"),
+            (
+                BrokerOptions::new().with_tls(TlsOptions::new()),
+                if crate::tls::ENABLED { ErrorKind::InvalidInput } else { ErrorKind::Unsupported },
+                "tls",
+            ),
         ];
         for (options, kind, needle) in cases {
             let err = GrpcConfig::from_options(&options).unwrap_err();

@@ -5,9 +5,9 @@
 //! method, `/Broker/Publish` (Go Micro's proto, [`proto`]); each subscription registers itself in
 //! a service registry ([`broker_registry`]) as service `topic:<topic>`, version = its queue group
 //! or `ff.grpc.broadcast`, one node `{id: "broker-<uuid>.<uuid>", address, metadata:
-//! {"secure": "false"}}`; a publisher looks the topic up and calls each subscriber with
-//! `Message {topic, id: <node id>, header, body}`. A Go Micro service using the gRPC broker
-//! and a shared registry (etcd) interoperates unchanged.
+//! {"secure": "false"}}` (`"true"` when it serves [TLS](#tls)); a publisher looks the topic up
+//! and calls each subscriber with `Message {topic, id: <node id>, header, body}`. A Go Micro
+//! service using the gRPC broker and a shared registry (etcd) interoperates unchanged.
 //!
 //! What it fixes in Go Micro's plugin:
 //! - **One channel per node**, kept and reused (HTTP/2 multiplexes the calls), where Go Micro
@@ -37,9 +37,17 @@
 //! readable in one place. Its correctness is not taken on trust: the interop test runs a peer
 //! whose stubs Google's `protoc` (grpcio-tools) generates from the proto text.
 //!
-//! What it does not do (yet): TLS between brokers (TLS options are rejected with
-//! [`ErrorKind::Unsupported`]; nodes registered `"secure": "true"` are refused, never sent to
-//! in clear text), keep messages across a restart of the publisher, order messages, delay them.
+//! ## TLS
+//!
+//! With the cargo feature `tls` (see [`tls`]), as the `http` backend's and through the same code
+//! ([`broker_registry::tls`]): `BrokerOptions::tls` with `cert_file` + `key_file` makes the
+//! endpoint serve TLS (ALPN `h2`) and register its nodes `"secure": "true"`, as Go Micro does; a
+//! publisher calls secure nodes over TLS, trusting `ca_file` (or `insecure_skip_verify`), and
+//! refuses them without TLS options, never sending in clear text. The shared secret works the
+//! same over TLS. Without the feature TLS options are rejected with [`ErrorKind::Unsupported`].
+//!
+//! What it does not do (yet): keep messages across a restart of the publisher, order messages,
+//! delay them.
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
@@ -47,6 +55,7 @@ pub mod config;
 pub mod proto;
 mod publish;
 mod server;
+pub mod tls;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -89,7 +98,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     redelivery: true,
     delayed_delivery: false,
     native_headers: true,
-    tls: false,
+    tls: tls::ENABLED,
 };
 
 broker_core::register_plugin! {
@@ -160,6 +169,8 @@ struct Running {
     registry: SharedRegistry,
     bound: SocketAddr,
     advertise: String,
+    /// Whether the endpoint serves TLS (registered as `"secure": "true"`).
+    secure: bool,
     subscriptions: endpoint::Subscriptions,
     outbox: Arc<publish::Outbox>,
     server_stop: CancellationToken,
@@ -251,7 +262,7 @@ impl GrpcBroker {
             version: queue.unwrap_or(BROADCAST_VERSION).to_string(),
             metadata: None,
             endpoints: None,
-            nodes: vec![Node::new(id, running.advertise.clone()).with_metadata("secure", "false")],
+            nodes: vec![Node::new(id, running.advertise.clone()).with_metadata("secure", running.secure.to_string())],
         }
     }
 }
@@ -360,13 +371,17 @@ impl Broker for GrpcBroker {
             }
             None => bound.to_string(),
         };
+        let acceptor = tls::acceptor(config.tls.as_ref())?;
+        let secure = acceptor.is_some();
+        let connector = tls::connector(config.tls.as_ref())?;
         let cache = Cache::new(Arc::clone(&registry));
-        let outbox = publish::new(config.clone(), cache, Arc::clone(&self.inner.counters));
+        let outbox = publish::new(config.clone(), connector, cache, Arc::clone(&self.inner.counters));
         let running = Arc::new(Running {
             config,
             registry,
             bound,
             advertise,
+            secure,
             subscriptions: endpoint::Subscriptions::default(),
             outbox,
             server_stop: CancellationToken::new(),
@@ -377,6 +392,7 @@ impl Broker for GrpcBroker {
         });
         let task = tokio::spawn(server::serve(
             listener,
+            acceptor,
             Arc::downgrade(&running),
             running.config.max_message_bytes,
             running.server_stop.clone(),

@@ -17,53 +17,67 @@ use tonic_prost::ProstCodec;
 
 use crate::config::GrpcConfig;
 use crate::proto::{self, Empty, Outgoing};
-use crate::{ATTEMPT_METADATA, BROADCAST_VERSION, SECRET_METADATA, lock};
+use crate::{ATTEMPT_METADATA, BROADCAST_VERSION, SECRET_METADATA, lock, tls};
 
 /// The gRPC broker's outbox.
 pub(crate) type Outbox = outbox::Outbox<GrpcTransport>;
 
 /// Builds the outbox of a connected broker.
-pub(crate) fn new(config: GrpcConfig, cache: Arc<Cache>, counters: Arc<DeliveryCounters>) -> Arc<Outbox> {
+pub(crate) fn new(
+    config: GrpcConfig,
+    tls: Option<tls::Connector>,
+    cache: Arc<Cache>,
+    counters: Arc<DeliveryCounters>,
+) -> Arc<Outbox> {
     let bounds = config.outbox.clone();
-    outbox::Outbox::new(bounds, GrpcTransport { config, channels: Mutex::new(HashMap::new()) }, cache, counters)
+    let transport = GrpcTransport { config, tls, channels: Mutex::new(HashMap::new()) };
+    outbox::Outbox::new(bounds, transport, cache, counters)
 }
 
 /// One unary `Publish` call to one node.
 pub(crate) struct GrpcTransport {
     config: GrpcConfig,
-    /// One channel per node address (all subscriptions of a peer broker share its address). A
-    /// channel reconnects by itself; one that failed is dropped, so that peers that went away
-    /// do not accumulate.
-    channels: Mutex<HashMap<String, Channel>>,
+    /// Dials secure nodes; `None` without TLS options (secure nodes are then refused).
+    tls: Option<tls::Connector>,
+    /// One channel per node address and security (all subscriptions of a peer broker share its
+    /// address). A channel reconnects by itself; one that failed is dropped, so that peers that
+    /// went away do not accumulate.
+    channels: Mutex<HashMap<(String, bool), Channel>>,
 }
 
 impl GrpcTransport {
-    fn channel(&self, address: &str) -> std::result::Result<Channel, String> {
-        if let Some(channel) = lock(&self.channels).get(address) {
+    fn channel(&self, address: &str, secure: bool) -> std::result::Result<Channel, String> {
+        let key = (address.to_string(), secure);
+        if let Some(channel) = lock(&self.channels).get(&key) {
             return Ok(channel.clone());
         }
+        // `http://` for secure nodes too: our connector does the TLS, and tonic would refuse an
+        // `https://` URI (or wrap it in a second TLS) if another crate turned on its TLS features.
         let endpoint = Endpoint::from_shared(format!("http://{address}"))
             .map_err(|e| format!("{address:?} is not a usable node address: {e}"))?
             .connect_timeout(self.config.request_timeout)
             .timeout(self.config.request_timeout)
             .tcp_nodelay(true);
-        let channel = endpoint.connect_lazy();
-        lock(&self.channels).entry(address.to_string()).or_insert(channel.clone());
-        Ok(channel)
+        let channel = if secure {
+            match &self.tls {
+                #[cfg(feature = "tls")]
+                Some(connector) => endpoint.connect_with_connector_lazy(connector.clone()),
+                #[cfg(not(feature = "tls"))]
+                Some(never) => match *never {},
+                None => return Err(no_tls_for(address)),
+            }
+        } else {
+            endpoint.connect_lazy()
+        };
+        Ok(lock(&self.channels).entry(key).or_insert(channel).clone())
     }
 
-    fn forget_channel(&self, address: &str) {
-        lock(&self.channels).remove(address);
+    fn forget_channel(&self, address: &str, secure: bool) {
+        lock(&self.channels).remove(&(address.to_string(), secure));
     }
 
     async fn call(&self, node: &Node, body: &Bytes, attempt: u32) -> Outcome {
-        if node.metadata.get("secure").map(String::as_str) == Some("true") {
-            return Outcome::Refused(format!(
-                "node {} serves gRPC over TLS only, and this build of the grpc backend has no TLS; \
-                 refusing to send in clear text",
-                node.id
-            ));
-        }
+        let secure = node.metadata.get("secure").map(String::as_str) == Some("true");
         let outgoing = Outgoing { encoded: body.clone(), id: node.id.clone() };
         let size = prost::Message::encoded_len(&outgoing);
         if size > self.config.max_message_bytes {
@@ -72,7 +86,7 @@ impl GrpcTransport {
                 self.config.max_message_bytes
             ));
         }
-        let channel = match self.channel(&node.address) {
+        let channel = match self.channel(&node.address, secure) {
             Ok(channel) => channel,
             Err(reason) => return Outcome::Refused(reason),
         };
@@ -109,7 +123,7 @@ impl GrpcTransport {
                 Ok(Err(status)) => classify(&status),
             };
         if matches!(outcome, Outcome::Unreachable(_)) {
-            self.forget_channel(&node.address);
+            self.forget_channel(&node.address, secure);
         }
         outcome
     }
@@ -135,6 +149,16 @@ impl Transport for GrpcTransport {
     async fn send(&self, node: &Node, body: &Bytes, attempt: u32) -> Outcome {
         self.call(node, body, attempt).await
     }
+}
+
+/// Why a secure node is not called: never in clear text.
+fn no_tls_for(address: &str) -> String {
+    let how = if crate::tls::ENABLED {
+        "this publisher has no TLS options (BrokerOptions::tls with the peers' ca_file)"
+    } else {
+        "this build of the grpc backend has no TLS (cargo feature `tls`)"
+    };
+    format!("the node at {address} serves gRPC over TLS only, and {how}; refusing to send in clear text")
 }
 
 /// What a status from a subscriber (ours, or Go Micro's, which answers `Empty` even when its

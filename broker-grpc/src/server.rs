@@ -24,21 +24,38 @@ use tonic::{Request, Response, Status};
 use tonic_prost::ProstCodec;
 
 use crate::proto::{self, Empty};
-use crate::{ATTEMPT_METADATA, Running, SECRET_METADATA};
+use crate::{ATTEMPT_METADATA, Running, SECRET_METADATA, tls};
 
 /// Serves `/Broker/Publish` on `listener` until `stop`, then lets open calls finish.
+/// With an `acceptor`, every connection is TLS (the handshakes run beside the server, in
+/// [`tls::accept_loop`](crate::tls)).
 pub(crate) async fn serve(
     listener: TcpListener,
+    acceptor: Option<tls::Acceptor>,
     running: Weak<Running>,
     max_message_bytes: usize,
     stop: CancellationToken,
 ) {
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let service = BrokerServer { running, max_message_bytes };
-    let served = tonic::transport::Server::builder()
-        .add_service(service)
-        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
-        .await;
+    let server = tonic::transport::Server::builder().add_service(service);
+    let served = match acceptor {
+        None => {
+            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            server.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await
+        }
+        #[cfg(feature = "tls")]
+        Some(acceptor) => {
+            let (ready, connections) = tokio::sync::mpsc::channel::<tls::TlsConnection>(64);
+            tokio::spawn(tls::accept_loop(listener, acceptor, ready, stop.clone()));
+            let incoming = futures::stream::unfold(connections, |mut connections| async move {
+                let connection = connections.recv().await?;
+                Some((Ok::<_, std::io::Error>(connection), connections))
+            });
+            server.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await
+        }
+        #[cfg(not(feature = "tls"))]
+        Some(never) => match never {},
+    };
     if let Err(error) = served {
         tracing::warn!(%error, "grpc broker: the server ended with an error");
     }

@@ -188,7 +188,8 @@ async fn bad_options_are_typed_errors() {
     let unknown = GrpcBroker::with_options(BrokerOptions::new().with_param("dialect", "current")).unwrap_err();
     assert_eq!(unknown.kind(), ErrorKind::Unsupported);
     let tls = GrpcBroker::with_options(BrokerOptions::new().with_tls(broker_core::TlsOptions::new())).unwrap_err();
-    assert_eq!(tls.kind(), ErrorKind::Unsupported);
+    // Without the feature TLS is unsupported; with it, empty options lack a CA to trust.
+    assert_eq!(tls.kind(), if cfg!(feature = "tls") { ErrorKind::InvalidInput } else { ErrorKind::Unsupported });
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let address = taken.local_addr().unwrap().to_string();
     let broker =

@@ -47,6 +47,8 @@ pub mod memory;
 #[cfg(feature = "outbox")]
 pub mod outbox;
 mod select;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 pub use cache::{Cache, DEFAULT_CACHE_TTL};
 #[cfg(feature = "etcd")]
