@@ -18,6 +18,30 @@ pub trait Acknowledger: Send + Sync + 'static {
     /// The message was not handled: the backend delivers it again where it can (or dead-letters
     /// it after `max_redeliveries`). `reason` says why, for logs and dead-letter headers.
     async fn nack(&self, reason: &str) -> Result<()>;
+    /// Acks at once, without waiting, where the backend can (`Some`, what `ack()` would
+    /// return); `None` (the default) leaves it to `ack()`. [`Event::ack`] tries this first, so a
+    /// backend whose ack never waits (the in-memory one) saves the boxed future of `ack()` on
+    /// every delivery.
+    fn ack_now(&self) -> Option<Result<()>> {
+        None
+    }
+}
+
+/// The acknowledger of an event built without one: ack and nack do nothing (at-most-once backends).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoAcknowledger;
+
+#[async_trait]
+impl Acknowledger for NoAcknowledger {
+    async fn ack(&self) -> Result<()> {
+        Ok(())
+    }
+    async fn nack(&self, _reason: &str) -> Result<()> {
+        Ok(())
+    }
+    fn ack_now(&self) -> Option<Result<()>> {
+        Some(Ok(()))
+    }
 }
 
 /// How a delivery was settled.
@@ -33,13 +57,16 @@ const PENDING: u8 = 0;
 const ACKED: u8 = 1;
 const NACKED: u8 = 2;
 
-struct EventInner {
+/// Generic over the acknowledger so that it lives in the event's own allocation: an
+/// `Arc<EventInner<A>>` is built, then used as `Arc<EventInner<dyn Acknowledger>>` (one
+/// allocation per delivery, not two).
+struct EventInner<A: ?Sized> {
     topic: Arc<str>,
     message: Message,
     attempt: u32,
     error: Option<Error>,
     state: AtomicU8,
-    acknowledger: Option<Box<dyn Acknowledger>>,
+    acknowledger: A,
 }
 
 /// One delivery of a message on a topic, handed to a [`Handler`](crate::Handler).
@@ -61,13 +88,13 @@ struct EventInner {
 /// ```
 #[derive(Clone)]
 pub struct Event {
-    inner: Arc<EventInner>,
+    inner: Arc<EventInner<dyn Acknowledger>>,
 }
 
 impl Event {
     /// Starts building an event; backends use this when a message arrives.
     pub fn builder(topic: impl Into<Arc<str>>, message: Message) -> EventBuilder {
-        EventBuilder { topic: topic.into(), message, attempt: 1, error: None, acknowledger: None }
+        EventBuilder { topic: topic.into(), message, attempt: 1, error: None, acknowledger: NoAcknowledger }
     }
 
     /// The topic the message was published to.
@@ -97,9 +124,10 @@ impl Event {
         if !self.settle(ACKED) {
             return Ok(());
         }
-        match &self.inner.acknowledger {
-            Some(acknowledger) => acknowledger.ack().await,
-            None => Ok(()),
+        let acknowledger = &self.inner.acknowledger;
+        match acknowledger.ack_now() {
+            Some(done) => done,
+            None => acknowledger.ack().await,
         }
     }
 
@@ -113,10 +141,7 @@ impl Event {
         if !self.settle(NACKED) {
             return Ok(());
         }
-        match &self.inner.acknowledger {
-            Some(acknowledger) => acknowledger.nack(reason).await,
-            None => Ok(()),
-        }
+        self.inner.acknowledger.nack(reason).await
     }
 
     /// How the delivery was settled so far, if it was.
@@ -146,16 +171,16 @@ impl fmt::Debug for Event {
     }
 }
 
-/// Builds an [`Event`]; see [`Event::builder`].
-pub struct EventBuilder {
+/// Builds an [`Event`]; see [`Event::builder`]. `A` is the acknowledger set so far.
+pub struct EventBuilder<A = NoAcknowledger> {
     topic: Arc<str>,
     message: Message,
     attempt: u32,
     error: Option<Error>,
-    acknowledger: Option<Box<dyn Acknowledger>>,
+    acknowledger: A,
 }
 
-impl EventBuilder {
+impl<A: Acknowledger> EventBuilder<A> {
     /// Sets the delivery attempt (1-based).
     pub fn attempt(mut self, attempt: u32) -> Self {
         self.attempt = attempt.max(1);
@@ -169,27 +194,31 @@ impl EventBuilder {
     }
 
     /// Sets how the delivery is settled. Without one, ack and nack do nothing (at-most-once backends).
-    pub fn acknowledger(mut self, acknowledger: impl Acknowledger) -> Self {
-        self.acknowledger = Some(Box::new(acknowledger));
-        self
+    pub fn acknowledger<B: Acknowledger>(self, acknowledger: B) -> EventBuilder<B> {
+        EventBuilder {
+            topic: self.topic,
+            message: self.message,
+            attempt: self.attempt,
+            error: self.error,
+            acknowledger,
+        }
     }
 
     /// The event.
     pub fn build(self) -> Event {
-        Event {
-            inner: Arc::new(EventInner {
-                topic: self.topic,
-                message: self.message,
-                attempt: self.attempt,
-                error: self.error,
-                state: AtomicU8::new(PENDING),
-                acknowledger: self.acknowledger,
-            }),
-        }
+        let inner: Arc<EventInner<A>> = Arc::new(EventInner {
+            topic: self.topic,
+            message: self.message,
+            attempt: self.attempt,
+            error: self.error,
+            state: AtomicU8::new(PENDING),
+            acknowledger: self.acknowledger,
+        });
+        Event { inner }
     }
 }
 
-impl fmt::Debug for EventBuilder {
+impl<A> fmt::Debug for EventBuilder<A> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EventBuilder").field("topic", &self.topic).field("attempt", &self.attempt).finish()
     }

@@ -50,7 +50,7 @@ pub use broker::{
 };
 pub use capabilities::Capabilities;
 pub use error::{BoxError, Error, ErrorKind, Result};
-pub use event::{Acknowledger, Event, EventBuilder, Settlement};
+pub use event::{Acknowledger, Event, EventBuilder, NoAcknowledger, Settlement};
 pub use layers::{BrokerLayerExt, CodecExt, Layer};
 pub use memory::MemoryBroker;
 pub use message::{Headers, JSON_CONTENT_TYPE, Message, headers};
