@@ -40,6 +40,8 @@
 //! [`Broker`] is implemented for `Arc<B>` (and so for `Arc<dyn Broker>`, what
 //! [`from_env`](crate::from_env) returns), so a layer wraps a shared broker as well as an owned one.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -108,8 +110,20 @@ impl<B: Broker + ?Sized> Broker for Arc<B> {
     async fn disconnect(&self) -> Result<()> {
         (**self).disconnect().await
     }
-    async fn publish(&self, topic: &str, message: Message, options: PublishOptions) -> Result<()> {
-        (**self).publish(topic, message, options).await
+    // Written out (not `async fn`): hands back the inner broker's boxed future instead of boxing
+    // a second one around it, on every publish through an `Arc<dyn Broker>` (what `from_name` returns).
+    fn publish<'a, 'b, 'f>(
+        &'a self,
+        topic: &'b str,
+        message: Message,
+        options: PublishOptions,
+    ) -> Pin<Box<dyn Future<Output = Result<()>> + Send + 'f>>
+    where
+        'a: 'f,
+        'b: 'f,
+        Self: 'f,
+    {
+        (**self).publish(topic, message, options)
     }
     async fn subscribe(
         &self,
