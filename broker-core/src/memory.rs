@@ -107,10 +107,53 @@ struct Shared {
     options: RwLock<BrokerOptions>,
     default_buffer: AtomicUsize,
     connected: AtomicBool,
-    topics: Mutex<HashMap<String, TopicQueues>>,
+    topics: Mutex<HashMap<String, TopicQueues, TopicHash>>,
     members: Mutex<HashMap<u64, Arc<Member>>>,
     next_member: AtomicU64,
     dropped: AtomicU64,
+}
+
+/// A word-at-a-time multiplicative hash (FxHash's) for the topic map, which every publish looks
+/// up: a fraction of SipHash's cost for a topic name. Flooding it with colliding keys would take
+/// subscribing to them (only `subscribe` inserts), the application's own doing, not outside input.
+type TopicHash = std::hash::BuildHasherDefault<TopicHasher>;
+
+#[derive(Default)]
+struct TopicHasher(u64);
+
+impl TopicHasher {
+    const SEED: u64 = 0xf135_7aea_2e62_a9c5;
+
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0 ^ word).wrapping_mul(Self::SEED);
+    }
+}
+
+impl std::hash::Hasher for TopicHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut word = [0u8; 8];
+            word[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(word) ^ ((rest.len() as u64) << 59));
+        }
+    }
+
+    fn write_u8(&mut self, byte: u8) {
+        self.add(u64::from(byte));
+    }
+
+    fn finish(&self) -> u64 {
+        // The table takes its buckets from the low bits and its tags from the top 7: fold the
+        // well-mixed high bits down.
+        self.0.rotate_left(26)
+    }
 }
 
 #[derive(Default)]
@@ -227,7 +270,7 @@ impl Shared {
             options: RwLock::new(options),
             default_buffer: AtomicUsize::new(default_buffer),
             connected: AtomicBool::new(false),
-            topics: Mutex::new(HashMap::new()),
+            topics: Mutex::new(HashMap::default()),
             members: Mutex::new(HashMap::new()),
             next_member: AtomicU64::new(1),
             dropped: AtomicU64::new(0),
@@ -397,21 +440,32 @@ impl Queue {
     /// The next delivery, or `None` once the queue is closed. Cancel-safe: an item is taken
     /// from the queue in the same poll that returns it.
     async fn pop(&self) -> Option<Delivery> {
+        // A message already waiting is taken without registering for a wakeup first (that costs
+        // two locks of the `Notify` per message under load).
+        if let Some(found) = self.try_pop() {
+            return found;
+        }
         loop {
             let notified = self.ready.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.closed.load(Ordering::Acquire) {
-                return None;
-            }
-            if let Some(delivery) = lock(&self.items).pop_front() {
-                if delivery.holds_slot {
-                    self.slots.add_permits(1);
-                }
-                return Some(delivery);
+            if let Some(found) = self.try_pop() {
+                return found;
             }
             notified.await;
         }
+    }
+
+    /// `Some(None)`: closed; `Some(Some(_))`: the next delivery; `None`: nothing queued now.
+    fn try_pop(&self) -> Option<Option<Delivery>> {
+        if self.closed.load(Ordering::Acquire) {
+            return Some(None);
+        }
+        let delivery = lock(&self.items).pop_front()?;
+        if delivery.holds_slot {
+            self.slots.add_permits(1);
+        }
+        Some(Some(delivery))
     }
 
     /// A message is settled for good.
@@ -451,7 +505,11 @@ struct MemoryAck {
 
 impl MemoryAck {
     fn nack_now(&self, reason: &str) {
-        let Some(mut delivery) = lock(&self.delivery).take() else { return };
+        let Some(delivery) = lock(&self.delivery).take() else { return };
+        self.redeliver(delivery, reason);
+    }
+
+    fn redeliver(&self, mut delivery: Delivery, reason: &str) {
         let Some(shared) = self.shared.upgrade() else { return };
         let queue = Arc::clone(&self.queue);
         if !shared.connected.load(Ordering::Acquire) {
@@ -497,10 +555,15 @@ fn redelivery_backoff(attempt: u32) -> Duration {
 #[async_trait]
 impl Acknowledger for MemoryAck {
     async fn ack(&self) -> Result<()> {
+        self.ack_now().unwrap_or(Ok(()))
+    }
+
+    /// Never waits: `Event::ack` takes this, without the boxed future of `ack()`.
+    fn ack_now(&self) -> Option<Result<()>> {
         if lock(&self.delivery).take().is_some() {
             self.queue.finish_one();
         }
-        Ok(())
+        Some(Ok(()))
     }
 
     async fn nack(&self, reason: &str) -> Result<()> {
@@ -512,8 +575,11 @@ impl Acknowledger for MemoryAck {
 impl Drop for MemoryAck {
     fn drop(&mut self) {
         // Every clone of the event is gone and nobody settled it: as a broker would after the
-        // consumer went away, deliver it again.
-        self.nack_now("the event was dropped without ack or nack");
+        // consumer went away, deliver it again. (`&mut self`: no lock needed to look.)
+        let delivery = self.delivery.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+        if let Some(delivery) = delivery {
+            self.redeliver(delivery, "the event was dropped without ack or nack");
+        }
     }
 }
 
@@ -596,29 +662,19 @@ impl Broker for MemoryBroker {
         // (an invalid topic never has queues, so it is always refused).
         let Some(queues) = self.shared.queues_of(topic) else { return validate_topic(topic) };
         let mut message = message;
-        message.headers.extend(options.headers);
-        let timeout = self.shared.publish_timeout();
+        if !options.headers.is_empty() {
+            message.headers.extend(options.headers);
+        }
         if let [queue] = &*queues {
-            if let Some(permit) = queue.reserve(timeout).await? {
+            if let Ok(permit) = queue.slots.try_acquire() {
                 permit.forget();
                 queue.accept(message);
-            }
-            return Ok(());
-        }
-        // Room in every buffer first, then the message into all of them: a publish that times
-        // out reached no subscriber, so a retry cannot duplicate it for some of them.
-        let reserved = futures::future::join_all(queues.iter().map(|q| q.reserve(timeout))).await;
-        let mut slots = Vec::with_capacity(reserved.len());
-        for slot in reserved {
-            slots.push(slot?);
-        }
-        for (queue, slot) in queues.iter().zip(slots) {
-            if let Some(permit) = slot {
-                permit.forget();
-                queue.accept(message.clone());
+                return Ok(());
             }
         }
-        Ok(())
+        // Waiting for room (with its timer), or several queues: boxed, so that this future, which
+        // is moved into a box of its own on every publish, stays small for the common case above.
+        Box::pin(publish_waiting(self.shared.publish_timeout(), &queues, message)).await
     }
 
     async fn subscribe(
@@ -677,6 +733,31 @@ impl Broker for MemoryBroker {
     }
 }
 
+/// The slow path of `publish`: waits up to `timeout` for room in every queue of the topic.
+async fn publish_waiting(timeout: Duration, queues: &[Arc<Queue>], message: Message) -> Result<()> {
+    if let [queue] = queues {
+        if let Some(permit) = queue.reserve(timeout).await? {
+            permit.forget();
+            queue.accept(message);
+        }
+        return Ok(());
+    }
+    // Room in every buffer first, then the message into all of them: a publish that times
+    // out reached no subscriber, so a retry cannot duplicate it for some of them.
+    let reserved = futures::future::join_all(queues.iter().map(|q| q.reserve(timeout))).await;
+    let mut slots = Vec::with_capacity(reserved.len());
+    for slot in reserved {
+        slots.push(slot?);
+    }
+    for (queue, slot) in queues.iter().zip(slots) {
+        if let Some(permit) = slot {
+            permit.forget();
+            queue.accept(message.clone());
+        }
+    }
+    Ok(())
+}
+
 /// The loop of a subscription with concurrency 1: take a message, run the handler, settle it.
 /// A panicking handler is caught by `run_handler`; cancellation is only looked at between
 /// handlers, so a running handler always finishes.
@@ -702,6 +783,14 @@ async fn run_member_inline(
 
 /// The next message of the member's queue; `None` once the member is cancelled or the queue closed.
 async fn next_delivery(member: &Member) -> Option<Delivery> {
+    // Under load a message is waiting: take it without setting up the select (a cancellation
+    // future per message). Cancellation still wins over a waiting message, as in the select.
+    if member.cancel.is_cancelled() {
+        return None;
+    }
+    if let Some(found) = member.queue.try_pop() {
+        return found;
+    }
     tokio::select! {
         biased;
         _ = member.cancel.cancelled() => None,
