@@ -1,18 +1,31 @@
 //! The memory backend has no client library: its baseline is a tokio mpsc channel per
-//! subscriber (bounded, 65,536 messages), one reader task each, the same bodies sent to it.
-//! `BENCH_RAW_LIKE_OURS=1` (diagnosis) runs each delivery in a task of its own, as ours does.
+//! subscriber, one reader task each, the same bodies sent to it. The channel holds as many
+//! messages as ours' buffer does (the same settings): `--param buffer_size=N` when given, else
+//! ours' default of 1,024 ([`DEFAULT_BUFFER_SIZE`]). (Until 2026-12-02 it was 65,536 whatever
+//! ours had.) `BENCH_RAW_LIKE_OURS=1` (diagnosis) runs each delivery in a task of its own, as
+//! ours does at `--concurrency` above 1.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use micro_broker::BoxError;
+use micro_broker::memory::{DEFAULT_BUFFER_SIZE, PARAM_BUFFER_SIZE};
 use tokio::sync::mpsc;
 
 use super::{Outcome, Recorder, Sink, Workload, drive};
 
-/// Capacity of each subscriber's channel.
-const CAPACITY: usize = 65_536;
+/// Capacity of each subscriber's channel: ours' effective buffer size.
+fn capacity(workload: &Workload) -> Result<usize, BoxError> {
+    match workload.param(PARAM_BUFFER_SIZE) {
+        None => Ok(DEFAULT_BUFFER_SIZE),
+        Some(value) => match value.trim().parse::<usize>() {
+            // Clamped as ours clamps its buffer (the channel's semaphore has this limit too).
+            Ok(n) if n > 0 => Ok(n.min(tokio::sync::Semaphore::MAX_PERMITS)),
+            _ => Err(format!("{PARAM_BUFFER_SIZE}={value:?}: expected a positive number").into()),
+        },
+    }
+}
 
 struct Channels {
     senders: Vec<mpsc::Sender<Bytes>>,
@@ -37,10 +50,11 @@ impl Sink for Channels {
 
 /// One run over mpsc channels.
 pub(crate) async fn run(workload: &Workload, recorder: Arc<Recorder>) -> Result<Outcome, BoxError> {
+    let capacity = capacity(workload)?;
     let mut senders = Vec::new();
     let mut readers = Vec::new();
     for s in 0..workload.subscribers {
-        let (tx, mut rx) = mpsc::channel::<Bytes>(CAPACITY);
+        let (tx, mut rx) = mpsc::channel::<Bytes>(capacity);
         senders.push(tx);
         let (recorder, slot) = (Arc::clone(&recorder), workload.slot(s));
         let spawn_each = super::raw_like_ours();
