@@ -1,14 +1,15 @@
 //! The publisher side over HTTP: the shared inbox / retry / failover publisher
 //! ([`broker_registry::outbox`]) with a transport that POSTs Go Micro's JSON body to a node.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use broker_core::{Message, Result};
+use broker_core::{Error, Message, Result};
 use broker_registry::outbox::{self, DeliveryCounters, OutboxConfig, Outcome, Transport, error_chain};
 use broker_registry::{Cache, Node};
 use bytes::Bytes;
-use http::{Request, StatusCode};
+use http::{HeaderValue, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -35,10 +36,30 @@ pub(crate) fn new(config: HttpConfig, cache: Arc<Cache>, counters: Arc<DeliveryC
     Ok(outbox::Outbox::new(bounds, HttpTransport::new(config)?, cache, counters))
 }
 
+/// How many nodes' request targets [`HttpTransport`] keeps; past it the map starts afresh
+/// (entries of nodes that left are otherwise never removed).
+const MAX_CACHED_TARGETS: usize = 4096;
+
 /// One POST of Go Micro's JSON body to one node, in the configured dialect.
 pub(crate) struct HttpTransport {
     config: HttpConfig,
     client: Client<tls::Connector, Full<Bytes>>,
+    /// The shared secret as a header value, checked once at connect.
+    secret: Option<HeaderValue>,
+    /// Per node id, the URI of its deliveries, built once: encoding the query and parsing the
+    /// URI cost more than the rest of preparing a POST.
+    targets: Mutex<HashMap<String, NodeTarget>>,
+}
+
+/// Where the deliveries to one node go.
+#[derive(Clone)]
+struct NodeTarget {
+    address: String,
+    secure: bool,
+    /// `scheme://address/path?id=<id>&attempt=`: an attempt after the first appends its number.
+    prefix: String,
+    /// The URI of a first attempt, parsed.
+    first: Uri,
 }
 
 impl HttpTransport {
@@ -53,28 +74,65 @@ impl HttpTransport {
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(config.max_in_flight)
             .build(connector);
-        Ok(HttpTransport { config, client })
+        let secret = match &config.secret {
+            None => None,
+            Some(secret) => Some(HeaderValue::from_str(secret).map_err(|_| {
+                Error::invalid_input(
+                    "parameter `secret` is not a valid HTTP header value: use visible ASCII characters and spaces",
+                )
+            })?),
+        };
+        Ok(HttpTransport { config, client, secret, targets: Mutex::new(HashMap::new()) })
+    }
+
+    /// The target of `node`, from the map when its address and scheme are unchanged.
+    fn target(&self, node: &Node) -> std::result::Result<NodeTarget, String> {
+        let secure = node.metadata.get("secure").map(String::as_str) == Some("true");
+        let mut targets = self.targets.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(target) = targets.get(&node.id) {
+            if target.address == node.address && target.secure == secure {
+                return Ok(target.clone());
+            }
+        }
+        let scheme = if secure { "https" } else { "http" };
+        let id: String = form_urlencoded::byte_serialize(node.id.as_bytes()).collect();
+        let prefix = format!("{scheme}://{}{}?id={id}&attempt=", node.address, self.config.dialect.path());
+        let first = Uri::try_from(format!("{prefix}1")).map_err(|error| {
+            format!("node {} has an address that makes no URI ({:?}): {error}", node.id, node.address)
+        })?;
+        let target = NodeTarget { address: node.address.clone(), secure, prefix, first };
+        if targets.len() >= MAX_CACHED_TARGETS {
+            targets.clear();
+        }
+        targets.insert(node.id.clone(), target.clone());
+        Ok(target)
     }
 
     async fn post(&self, node: &Node, body: &Bytes, attempt: u32) -> Outcome {
-        let secure = node.metadata.get("secure").map(String::as_str) == Some("true");
-        if secure && (!tls::ENABLED || self.config.tls.is_none()) {
+        let target = match self.target(node) {
+            Ok(target) => target,
+            Err(reason) => return Outcome::Refused(reason),
+        };
+        if target.secure && (!tls::ENABLED || self.config.tls.is_none()) {
             return Outcome::Refused(format!(
                 "node {} serves https only, and this broker has no TLS {}; refusing to send in clear text",
                 node.id,
                 if tls::ENABLED { "settings (set tls.ca_file)" } else { "support (cargo feature `tls`)" }
             ));
         }
-        let scheme = if secure { "https" } else { "http" };
-        let query = {
-            let mut query = form_urlencoded::Serializer::new(String::new());
-            query.append_pair("id", &node.id).append_pair("attempt", &attempt.to_string());
-            query.finish()
+        let uri = match attempt {
+            1 => target.first,
+            n => match Uri::try_from(format!("{}{n}", target.prefix)) {
+                Ok(uri) => uri,
+                Err(error) => return Outcome::Refused(format!("cannot build a request to {}: {error}", node.address)),
+            },
         };
-        let uri = format!("{scheme}://{}{}?{query}", node.address, self.config.dialect.path());
-        let mut request = Request::post(uri).header(http::header::CONTENT_TYPE, "application/json");
-        if let Some(secret) = &self.config.secret {
-            request = request.header(SECRET_HEADER, secret.as_str());
+        let mut request = Request::builder()
+            .method(Method::POST)
+            .uri(uri)
+            .header(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(secret) = &self.secret {
+            request = request.header(SECRET_HEADER, secret.clone());
         }
         let request = match request.body(Full::new(body.clone())) {
             Ok(request) => request,
@@ -83,12 +141,13 @@ impl HttpTransport {
         let exchange = async {
             let response = self.client.request(request).await.map_err(|e| error_chain(&e))?;
             let status = response.status();
-            // Read the answer to the end, so that the connection is reused.
-            let detail = Limited::new(response.into_body(), 64 * 1024)
-                .collect()
-                .await
-                .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
-                .unwrap_or_default();
+            // Read the answer to the end, so that the connection is reused; its text is only
+            // wanted for an error.
+            let body = Limited::new(response.into_body(), 64 * 1024).collect().await;
+            let detail = match body {
+                Ok(body) if !status.is_success() => String::from_utf8_lossy(&body.to_bytes()).into_owned(),
+                _ => String::new(),
+            };
             Ok::<_, String>((status, detail))
         };
         match tokio::time::timeout(self.config.request_timeout, exchange).await {

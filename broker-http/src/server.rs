@@ -109,7 +109,7 @@ pub(crate) async fn handle(running: Weak<Running>, request: Request<Incoming>) -
         Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => return too_large(max),
         Err(error) => return status(StatusCode::BAD_REQUEST, &format!("could not read the request body: {error}")),
     };
-    let decoded = match wire::decode(&body) {
+    let mut decoded = match wire::decode(&body) {
         Ok(decoded) => decoded,
         Err(error) => return status(StatusCode::BAD_REQUEST, &error.to_string()),
     };
@@ -124,9 +124,13 @@ pub(crate) async fn handle(running: Weak<Running>, request: Request<Incoming>) -
     }
     let mut failures = Vec::new();
     let mut handled = 0;
-    for subscription in &subscriptions {
+    let mut subscriptions = subscriptions.into_iter().peekable();
+    while let Some(subscription) = subscriptions.next() {
         let dead_letter = |dlq: &str, message: &broker_core::Message| running.outbox.publish(dlq, message);
-        match subscription.deliver(&running.handlers, decoded.message.clone(), query.attempt, &dead_letter).await {
+        // The last (usually the only) subscription takes the message itself.
+        let message =
+            if subscriptions.peek().is_some() { decoded.message.clone() } else { std::mem::take(&mut decoded.message) };
+        match subscription.deliver(&running.handlers, message, query.attempt, &dead_letter).await {
             Delivery::Handled => handled += 1,
             Delivery::Failed(reason) => failures.push(reason),
             Delivery::Gone => {}
@@ -141,17 +145,28 @@ pub(crate) async fn handle(running: Weak<Running>, request: Request<Incoming>) -
     Response::new(Full::new(Bytes::new()))
 }
 
-pub(crate) struct Query {
-    id: String,
+pub(crate) struct Query<'a> {
+    /// Borrowed from the request unless it had to be percent-decoded.
+    id: std::borrow::Cow<'a, str>,
     attempt: u32,
 }
 
-impl Query {
-    pub(crate) fn parse(query: Option<&str>) -> Query {
-        let mut parsed = Query { id: String::new(), attempt: 1 };
-        for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+impl<'a> Query<'a> {
+    pub(crate) fn parse(query: Option<&'a str>) -> Query<'a> {
+        let mut parsed = Query { id: std::borrow::Cow::Borrowed(""), attempt: 1 };
+        for pair in query.unwrap_or("").split('&') {
+            // Our publishers' pairs need no decoding; an escaped one goes through the full decoder.
+            let (key, value) = if pair.contains(['%', '+']) {
+                match form_urlencoded::parse(pair.as_bytes()).next() {
+                    Some(decoded) => decoded,
+                    None => continue,
+                }
+            } else {
+                let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+                (std::borrow::Cow::Borrowed(key), std::borrow::Cow::Borrowed(value))
+            };
             match key.as_ref() {
-                "id" => parsed.id = value.into_owned(),
+                "id" => parsed.id = value,
                 "attempt" => parsed.attempt = value.parse().unwrap_or(1).max(1),
                 _ => {}
             }
@@ -199,7 +214,9 @@ mod tests {
         assert_eq!(q.id, "a b");
         assert_eq!(q.attempt, 1);
         let q = Query::parse(None);
-        assert_eq!((q.id.as_str(), q.attempt), ("", 1));
+        assert_eq!((q.id.as_ref(), q.attempt), ("", 1));
+        let q = Query::parse(Some("attempt=2&i%64=a+b%2Bc&id2=x&=&&flag"));
+        assert_eq!((q.id.as_ref(), q.attempt), ("a b+c", 2));
     }
 
     #[test]

@@ -4,8 +4,11 @@
 //! and answers what [`Subscription::deliver`] says (the answer is the acknowledgement).
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
 
 use async_trait::async_trait;
 use std::time::Duration;
@@ -22,7 +25,8 @@ use crate::{Registry, Service};
 
 /// One local subscription, as the backend's endpoint sees it.
 pub struct Subscription {
-    topic: String,
+    /// Shared with every event of the subscription.
+    topic: Arc<str>,
     node_id: String,
     /// The registry entry (one node) this subscription registers.
     pub service: Service,
@@ -39,7 +43,7 @@ impl Subscription {
     pub fn new(topic: &str, service: Service, handler: Arc<dyn Handler>, options: SubscribeOptions) -> Arc<Self> {
         let node_id = service.nodes.first().map(|n| n.id.clone()).unwrap_or_default();
         Arc::new(Subscription {
-            topic: topic.to_string(),
+            topic: Arc::from(topic),
             node_id,
             service,
             handler,
@@ -66,7 +70,7 @@ impl Subscription {
         broker_core::wait_for_other_handlers(&self.tasks, Arc::as_ptr(self) as usize).await;
     }
 
-    /// Runs the handler on one delivery (in a task of `handlers`, which `disconnect()` waits for)
+    /// Runs the handler on one delivery (counted in `handlers`, which `disconnect()` waits for)
     /// and says how it ended; past `max_redeliveries`, hands the message to `dead_letter`
     /// (`<topic>.dlq` and the message, to publish).
     pub async fn deliver(
@@ -84,31 +88,36 @@ impl Subscription {
             return Delivery::Gone;
         }
         let settle = Arc::new(Settle::default());
-        let event = Event::builder(self.topic.as_str(), message.clone())
+        // Kept only where a dead letter may need it.
+        let kept = self.options.max_redeliveries.is_some().then(|| message.clone());
+        let event = Event::builder(Arc::clone(&self.topic), message)
             .attempt(attempt)
             .acknowledger(AnswerAck(Arc::clone(&settle)))
             .build();
         let handler = Arc::clone(&self.handler);
         let auto_ack = self.options.auto_ack;
-        // Spawned, so that a publisher that gives up waiting does not cancel a running handler.
-        let task = handlers.spawn(scope_handler(Arc::as_ptr(self) as usize, async move {
+        let handler_token = handlers.token();
+        let run = scope_handler(Arc::as_ptr(self) as usize, async move {
             let outcome = run_handler(handler.as_ref(), event, auto_ack).await;
             drop(permit);
             drop(token);
+            drop(handler_token);
             outcome
-        }));
-        let outcome = task.await;
+        });
+        // Run here, in the request's task (a task per delivery cost a spawn and a wake-up of
+        // this one); a publisher that gives up waiting must not cancel a running handler, so
+        // if this request is dropped first, the rest of the handler runs in a task of its own.
+        let outcome = FinishOnDrop::new(run, handlers.clone()).await;
         let reason = match settle.state.load(Ordering::Acquire) {
             ACKED => return Delivery::Handled,
             NACKED => lock(&settle.reason).clone().unwrap_or_else(|| "nacked".into()),
             _ => match outcome {
-                Ok(Err(e)) => e.to_string(),
-                Ok(Ok(())) => "the handler returned without acking (auto-ack is off)".into(),
-                Err(e) => format!("the handler task ended abnormally: {e}"),
+                Err(e) => e.to_string(),
+                Ok(()) => "the handler returned without acking (auto-ack is off)".into(),
             },
         };
-        match self.options.max_redeliveries {
-            Some(max) if attempt > max => self.dead_letter(dead_letter, message, attempt, &reason),
+        match (self.options.max_redeliveries, kept) {
+            (Some(max), Some(message)) if attempt > max => self.dead_letter(dead_letter, message, attempt, &reason),
             _ => Delivery::Failed(reason),
         }
     }
@@ -125,7 +134,7 @@ impl Subscription {
         let message = message
             .with_header(headers::DEAD_LETTER_REASON, reason)
             .with_header(headers::DELIVERY_ATTEMPTS, attempt.to_string())
-            .with_header(headers::ORIGINAL_TOPIC, self.topic.clone());
+            .with_header(headers::ORIGINAL_TOPIC, self.topic.to_string());
         match publish(&dlq, &message) {
             Ok(()) => Delivery::Handled,
             Err(e) => Delivery::Failed(format!("{reason}; and dead-lettering to {dlq} failed: {e}")),
@@ -140,6 +149,42 @@ impl std::fmt::Debug for Subscription {
             .field("node_id", &self.node_id)
             .field("options", &self.options)
             .finish_non_exhaustive()
+    }
+}
+
+/// Runs a future in the task that awaits it; if that task drops it before it finished, the rest
+/// of it runs in a task of `tracker` instead of being cancelled (a handler always runs to its
+/// end). Without a runtime to spawn on (the runtime is shutting down) the rest is dropped.
+struct FinishOnDrop<F: Future<Output = T> + Send + 'static, T: Send + 'static> {
+    /// Boxed, so that it can move into a task after it was polled.
+    future: Option<Pin<Box<F>>>,
+    tracker: TaskTracker,
+}
+
+impl<F: Future<Output = T> + Send + 'static, T: Send + 'static> FinishOnDrop<F, T> {
+    fn new(future: F, tracker: TaskTracker) -> Self {
+        FinishOnDrop { future: Some(Box::pin(future)), tracker }
+    }
+}
+
+impl<F: Future<Output = T> + Send + 'static, T: Send + 'static> Future for FinishOnDrop<F, T> {
+    type Output = T;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        let Some(future) = self.future.as_mut() else { return Poll::Pending };
+        let output = std::task::ready!(future.as_mut().poll(cx));
+        self.future = None;
+        Poll::Ready(output)
+    }
+}
+
+impl<F: Future<Output = T> + Send + 'static, T: Send + 'static> Drop for FinishOnDrop<F, T> {
+    fn drop(&mut self) {
+        if let Some(future) = self.future.take() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                self.tracker.spawn_on(future, &runtime);
+            }
+        }
     }
 }
 

@@ -2,9 +2,9 @@
 //! dispatchers, and delivery to the nodes the registry lists, over a [`Transport`].
 //!
 //! `publish` encodes the message once and puts it in the topic's inbox; one dispatcher task per
-//! topic with waiting messages looks the topic's subscribers up (through the registry cache)
-//! and hands each message to delivery tasks, at most `max_in_flight` at a time, so the backlog is
-//! paced by responses. A message with no subscriber stays in the inbox, and the dispatcher waits
+//! topic with waiting messages (it ends 100 ms after its inbox emptied) looks the topic's
+//! subscribers up (through the registry cache) and hands each message to delivery tasks, at most
+//! `max_in_flight` at a time, so the backlog is paced by responses. A message with no subscriber stays in the inbox, and the dispatcher waits
 //! for the registry to change (a subscriber appearing), for a new publish, or for a timer with
 //! backoff. A failed delivery goes back into the inbox aimed at what failed (one broadcast node,
 //! or one queue group), with a backoff, until `max_attempts`.
@@ -182,7 +182,7 @@ enum Target {
     /// One queue group (a failed group delivery).
     Group(String),
     /// One broadcast node (a failed broadcast delivery).
-    Node(Node),
+    Node(Arc<Node>),
 }
 
 struct Pending {
@@ -194,7 +194,7 @@ struct Pending {
     /// The broadcast nodes this message was aimed at, shared by its deliveries: when one of them
     /// turns out to be gone (our registry cache was stale), nodes registered since are found
     /// and aimed at once, without sending twice to the others.
-    reached: Option<Arc<Mutex<HashSet<String>>>>,
+    reached: Option<Arc<Reached>>,
     /// This delivery is the message's only one (one broadcast node, no queue group).
     alone: bool,
 }
@@ -238,10 +238,37 @@ struct InboxState {
     total_bytes: usize,
 }
 
-/// One version of the topic's service with its nodes, as looked up.
+/// One version of the topic's service with its nodes, as looked up. Shared (`Arc`) by the
+/// messages of a dispatch round: a message aimed at it costs a reference count, not a copy of
+/// every node's id, address and metadata.
 struct Version {
     name: String,
-    nodes: Vec<Node>,
+    nodes: Vec<Arc<Node>>,
+}
+
+/// The versions a message goes to: those of one lookup, shared by the messages of its round.
+type Versions = Arc<[Arc<Version>]>;
+
+/// The broadcast nodes one message was aimed at (see [`Pending::reached`]). The set of ids is
+/// built only when a node turns out to be gone, which is rare: the usual message pays for the
+/// list of its nodes and nothing else.
+struct Reached {
+    aimed: Vec<Arc<Node>>,
+    /// Every id reached so far, `aimed` included, once the first fresh node is looked for.
+    ids: Mutex<Option<HashSet<String>>>,
+}
+
+impl Reached {
+    fn new(aimed: Vec<Arc<Node>>) -> Arc<Reached> {
+        Arc::new(Reached { aimed, ids: Mutex::new(None) })
+    }
+
+    /// Records `id` as reached; false when it already was.
+    fn insert(&self, id: &str) -> bool {
+        let mut ids = lock(&self.ids);
+        let ids = ids.get_or_insert_with(|| self.aimed.iter().map(|node| node.id.clone()).collect());
+        ids.insert(id.to_string())
+    }
 }
 
 /// The inbox and delivery of one peer-to-peer broker. See the [module docs](self).
@@ -364,14 +391,14 @@ impl<T: Transport> Outbox<T> {
             inbox.wake.notify_one();
         } else if let Some(this) = self.this.upgrade() {
             inbox.dispatching = true;
-            tokio::spawn(this.dispatch(topic.to_string(), Arc::clone(&inbox.wake)));
+            tokio::spawn(this.dispatch(Arc::from(topic), Arc::clone(&inbox.wake)));
         }
         Ok(())
     }
 
-    /// The topic's dispatcher: runs while its inbox has messages.
-    async fn dispatch(self: Arc<Self>, topic: String, wake: Arc<Notify>) {
-        let service_name = self.transport.service_name(&topic);
+    /// The topic's dispatcher: runs while its inbox has messages, and [`DISPATCHER_LINGER`] after.
+    async fn dispatch(self: Arc<Self>, topic: Arc<str>, wake: Arc<Notify>) {
+        let service_name: Arc<str> = Arc::from(self.transport.service_name(&topic));
         let mut changes = self.cache.changes();
         let mut idle = Duration::from_millis(10);
         loop {
@@ -385,7 +412,20 @@ impl<T: Transport> Outbox<T> {
                 self.start_delivery(&topic, &service_name, pending, version).await;
             }
             if finished {
-                return;
+                // The inbox is empty: stay a moment for the next publish (one message at a time,
+                // a new dispatcher per message cost a spawn and a watch subscription each), then
+                // end unless something arrived meanwhile.
+                if !self.draining.load(Ordering::Acquire) {
+                    tokio::select! {
+                        _ = self.stop.cancelled() => return,
+                        _ = wake.notified() => continue,
+                        _ = tokio::time::sleep(DISPATCHER_LINGER) => {}
+                    }
+                }
+                if self.end_dispatch(&topic) {
+                    return;
+                }
+                continue;
             }
             if had_work {
                 idle = Duration::from_millis(10);
@@ -402,13 +442,27 @@ impl<T: Transport> Outbox<T> {
         }
     }
 
+    /// Removes the topic's inbox if it is still empty, so that the next publish starts a new
+    /// dispatcher; false when a message arrived meanwhile (the dispatcher goes on).
+    fn end_dispatch(&self, topic: &str) -> bool {
+        let mut state = lock(&self.state);
+        match state.topics.get(topic) {
+            Some(inbox) if !inbox.entries.is_empty() => false,
+            Some(_) => {
+                state.topics.remove(topic);
+                true
+            }
+            None => true,
+        }
+    }
+
     /// The topic's subscribers by version; nothing when the lookup fails (retried later).
-    async fn lookup(&self, service_name: &str, topic: &str) -> Vec<Version> {
+    async fn lookup(&self, service_name: &str, topic: &str) -> Versions {
         match self.cache.get_service(service_name).await {
-            Ok(services) => self.versions_of(services, topic),
+            Ok(services) => self.versions_of(services, topic).into_iter().map(Arc::new).collect(),
             Err(error) => {
                 tracing::debug!(%error, service_name, backend = self.transport.backend(), "registry lookup failed");
-                Vec::new()
+                Arc::new([])
             }
         }
     }
@@ -417,7 +471,7 @@ impl<T: Transport> Outbox<T> {
     fn versions_of(&self, services: Vec<crate::Service>, topic: &str) -> Vec<Version> {
         let mut versions: Vec<Version> = Vec::new();
         for service in services {
-            let nodes = service.nodes.into_iter().filter(|node| self.transport.serves(node, topic));
+            let nodes = service.nodes.into_iter().filter(|node| self.transport.serves(node, topic)).map(Arc::new);
             match versions.iter_mut().find(|v| v.name == service.version) {
                 Some(version) => version.nodes.extend(nodes),
                 None => versions.push(Version { name: service.version, nodes: nodes.collect() }),
@@ -430,7 +484,7 @@ impl<T: Transport> Outbox<T> {
     /// Takes the messages that can go now, each with the versions it goes to. Also returns when
     /// the next delayed retry is due, and whether the inbox is now empty (the dispatcher ends).
     #[allow(clippy::type_complexity)]
-    fn take_ready(&self, topic: &str, versions: &[Version]) -> (Vec<(Pending, Vec<Version>)>, Option<Instant>, bool) {
+    fn take_ready(&self, topic: &str, versions: &Versions) -> (Vec<(Pending, Versions)>, Option<Instant>, bool) {
         let now = Instant::now();
         let draining = self.draining.load(Ordering::Acquire);
         let mut state = lock(&self.state);
@@ -450,20 +504,15 @@ impl<T: Transport> Outbox<T> {
                 index += 1;
                 continue;
             }
-            let targets: Vec<Version> = match &pending.target {
-                Target::All => {
-                    versions.iter().map(|v| Version { name: v.name.clone(), nodes: v.nodes.clone() }).collect()
-                }
-                Target::Group(group) => versions
-                    .iter()
-                    .filter(|v| &v.name == group)
-                    .map(|v| Version { name: v.name.clone(), nodes: v.nodes.clone() })
-                    .collect(),
+            let targets: Versions = match &pending.target {
+                Target::All => Arc::clone(versions),
+                Target::Group(group) => versions.iter().filter(|v| &v.name == group).cloned().collect(),
                 // Sent to the node itself, whatever the cache says (it may not show a node that
                 // registered a moment ago): a node whose subscription ended answers 404.
-                Target::Node(node) => {
-                    vec![Version { name: self.transport.broadcast_version().to_string(), nodes: vec![node.clone()] }]
-                }
+                Target::Node(node) => Arc::new([Arc::new(Version {
+                    name: self.transport.broadcast_version().to_string(),
+                    nodes: vec![Arc::clone(node)],
+                })]),
             };
             if targets.is_empty() && !draining {
                 index += 1;
@@ -485,36 +534,35 @@ impl<T: Transport> Outbox<T> {
             }
             ready.push((pending, targets));
         }
-        let finished = inbox.entries.is_empty();
-        if finished {
-            topics.remove(topic);
-        }
-        (ready, next_due, finished)
+        // An empty inbox stays (its dispatcher lingers, see `dispatch`) until `end_dispatch`.
+        (ready, next_due, inbox.entries.is_empty())
     }
 
     /// Starts one delivery task per broadcast node and per queue group, within `max_in_flight`.
-    async fn start_delivery(&self, topic: &str, service_name: &str, pending: Pending, versions: Vec<Version>) {
-        let mut jobs: Vec<(Target, Vec<Node>)> = Vec::new();
-        for version in versions {
+    async fn start_delivery(&self, topic: &Arc<str>, service_name: &Arc<str>, pending: Pending, versions: Versions) {
+        let mut jobs: Vec<(Target, Vec<Arc<Node>>)> = Vec::new();
+        for version in versions.iter() {
             if version.name == self.transport.broadcast_version() {
-                jobs.extend(version.nodes.into_iter().map(|node| (Target::Node(node.clone()), vec![node])));
+                jobs.extend(version.nodes.iter().map(|node| (Target::Node(Arc::clone(node)), vec![Arc::clone(node)])));
             } else {
-                jobs.push((Target::Group(version.name), version.nodes));
+                jobs.push((Target::Group(version.name.clone()), version.nodes.clone()));
             }
         }
         if let Some(report) = &pending.report {
             report.split(jobs.len());
         }
-        let broadcast_ids: HashSet<String> = jobs
-            .iter()
-            .filter_map(|(target, _)| match target {
-                Target::Node(node) => Some(node.id.clone()),
-                _ => None,
-            })
-            .collect();
         let pending = match pending.reached {
             Some(_) => pending,
-            None => Pending { reached: Some(Arc::new(Mutex::new(broadcast_ids))), ..pending },
+            None => {
+                let aimed = jobs
+                    .iter()
+                    .filter_map(|(target, _)| match target {
+                        Target::Node(node) => Some(Arc::clone(node)),
+                        _ => None,
+                    })
+                    .collect();
+                Pending { reached: Some(Reached::new(aimed)), ..pending }
+            }
         };
         let alone = jobs.len() == 1;
         for (target, nodes) in jobs {
@@ -527,17 +575,19 @@ impl<T: Transport> Outbox<T> {
             };
             let Some(this) = self.this.upgrade() else { return };
             let job = Pending { alone, ..pending.aimed_at(target, pending.attempt) };
-            let topic = topic.to_string();
-            let service_name = service_name.to_string();
-            self.deliveries.spawn(async move {
+            let topic = Arc::clone(topic);
+            let service_name = Arc::clone(service_name);
+            // Boxed before it is spawned: the delivery's future is large (the transport's request
+            // in it), and each move on the way into a task copies all of it.
+            self.deliveries.spawn(Box::pin(async move {
                 this.deliver(&topic, &service_name, job, nodes).await;
                 drop(permit);
-            });
+            }));
         }
     }
 
     /// Delivers to one broadcast node, or to one node of a queue group trying the others on failure.
-    async fn deliver(&self, topic: &str, service_name: &str, job: Pending, mut nodes: Vec<Node>) {
+    async fn deliver(&self, topic: &str, service_name: &str, job: Pending, mut nodes: Vec<Arc<Node>>) {
         fastrand::shuffle(&mut nodes);
         let mut last_failure = String::from("no node of the group answered");
         for node in &nodes {
@@ -602,11 +652,11 @@ impl<T: Transport> Outbox<T> {
             let waiting = Pending { reached: None, ..job.aimed_at(Target::All, 1) };
             return self.enqueue(topic, waiting, false).is_ok();
         }
-        let fresh: Vec<Node> = versions
+        let fresh: Vec<Arc<Node>> = versions
             .into_iter()
             .filter(|v| v.name == self.transport.broadcast_version())
             .flat_map(|v| v.nodes)
-            .filter(|node| lock(reached).insert(node.id.clone()))
+            .filter(|node| reached.insert(&node.id))
             .collect();
         for node in fresh {
             if let Some(report) = &job.report {
@@ -699,6 +749,9 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// How long a topic's dispatcher waits for the next publish once its inbox is empty.
+const DISPATCHER_LINGER: Duration = Duration::from_millis(100);
 
 /// 10 ms after the first failure, doubling, at most 2 s.
 fn retry_backoff(attempt: u32) -> Duration {
