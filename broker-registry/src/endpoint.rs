@@ -218,6 +218,12 @@ impl Acknowledger for AnswerAck {
         Ok(())
     }
 
+    fn ack_now(&self) -> Option<Result<()>> {
+        // Recording the answer never waits: no boxed `ack()` future per delivery.
+        self.0.state.store(ACKED, Ordering::Release);
+        Some(Ok(()))
+    }
+
     async fn nack(&self, reason: &str) -> Result<()> {
         *lock(&self.0.reason) = Some(reason.to_string());
         self.0.state.store(NACKED, Ordering::Release);
