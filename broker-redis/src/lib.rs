@@ -217,7 +217,11 @@ async fn open(config: &RedisConfig, options: &BrokerOptions) -> Result<(redis::C
         .map_err(|e| Error::invalid_input(format!("invalid redis address {address}: {e}")).with_source(e))?;
     let manager_config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(options.connect_timeout))
-        .set_response_timeout(Some(options.publish_timeout))
+        // No response timeout of the client's own: every command on this connection is bounded
+        // by a timer of ours (publish_timeout or connect_timeout), which fires first or together
+        // with it, and a second timer per command is a cost (its expiry does not make the manager
+        // reconnect either: a timeout is not an unrecoverable error to redis-rs).
+        .set_response_timeout(None)
         .set_number_of_retries(2)
         .set_max_delay(Duration::from_secs(1));
     let what = format!("cannot connect to redis at {address}");
@@ -305,7 +309,9 @@ impl Broker for RedisBroker {
         self.capabilities().check_publish(self.name(), &options)?;
         let state = self.connected()?;
         let mut message = message;
-        message.headers.extend(options.headers);
+        if !options.headers.is_empty() {
+            message.headers.extend(options.headers);
+        }
         if state.config.envelope == broker_core::codec::Envelope::GoMicro {
             broker_core::codec::add_go_micro_headers(&mut message, topic);
         }

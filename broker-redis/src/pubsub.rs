@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use broker_core::{Error, Event, Handler, Message, Result, codec};
 use futures::StreamExt;
+use redis::RedisWrite as _;
 use tokio::sync::Semaphore;
 
 use crate::error;
@@ -15,15 +16,16 @@ use crate::{Connected, SubState};
 
 /// `PUBLISH <topic> <envelope>`, bounded by the publish timeout.
 pub(crate) async fn publish(state: &Connected, topic: &str, message: &Message) -> Result<()> {
-    let payload = codec::encode_envelope(message, None);
+    // The envelope is written straight into the command's buffer, sized up front: no envelope
+    // built apart and copied, no buffer regrowth.
+    let envelope_len = codec::envelope_len(message, None);
+    let mut cmd = redis::Cmd::with_capacity(3, "PUBLISH".len() + topic.len() + envelope_len);
+    cmd.arg("PUBLISH").arg(topic);
+    codec::write_envelope(&mut cmd.writer_for_next_arg(), message, None)
+        .map_err(|e| Error::codec(format!("cannot encode the envelope: {e}")))?;
     let mut conn = state.conn.clone();
     let what = || format!("PUBLISH to {topic:?} on redis at {}", state.config.redacted_url());
-    let _receivers: i64 = error::bounded_with(
-        what,
-        state.options.publish_timeout,
-        redis::cmd("PUBLISH").arg(topic).arg(payload.as_ref()).query_async(&mut conn),
-    )
-    .await?;
+    let _receivers: i64 = error::bounded_with(what, state.options.publish_timeout, cmd.query_async(&mut conn)).await?;
     Ok(())
 }
 
@@ -55,9 +57,13 @@ pub(crate) async fn start(state: &Arc<Connected>, sub: &Arc<SubState>, handler: 
         // A PING every KEEPALIVE on the subscribed connection detects a silently dead one.
         let mut keepalive = tokio::time::interval(KEEPALIVE);
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // One cancellation future for the whole loop: a new one per message would register with
+        // (and leave) the token's waiter list for every delivery.
+        let cancelled = sub.cancel.cancelled();
+        tokio::pin!(cancelled);
         loop {
             let msg = tokio::select! {
-                _ = sub.cancel.cancelled() => return,
+                _ = &mut cancelled => return,
                 msg = stream.next() => msg,
                 _ = keepalive.tick() => {
                     match tokio::time::timeout(limit, sink.ping::<redis::Value>()).await {
@@ -92,22 +98,26 @@ pub(crate) async fn start(state: &Arc<Connected>, sub: &Arc<SubState>, handler: 
                     .error(Error::codec(format!("the payload is not a Go Micro envelope; delivered raw: {e}"))),
             };
             let event = builder.build();
-            let permit = tokio::select! {
-                _ = sub.cancel.cancelled() => return,
-                permit = Arc::clone(&permits).acquire_owned() => match permit { Ok(p) => p, Err(_) => return },
-            };
             let key = sub.key();
             let auto_ack = sub.options.auto_ack;
             if sub.options.concurrency == 1 {
-                // One handler at a time: run it here, without a task per delivery. An unsubscribe
-                // from inside the handler does not wait for the subscription's tasks (this one).
+                // One handler at a time: run it here, without a task per delivery, and without a
+                // permit (this loop is the only one running handlers, so one would always be free).
+                // An unsubscribe from inside the handler does not wait for the subscription's tasks
+                // (this one).
+                if sub.cancel.is_cancelled() {
+                    return;
+                }
                 let run = broker_core::run_handler(handler.as_ref(), event, auto_ack);
                 if let Err(e) = broker_core::scope_handler(key, run).await {
                     tracing::debug!(error = %e, "redis Pub/Sub handler failed (at most once: not redelivered)");
                 }
-                drop(permit);
                 continue;
             }
+            let permit = tokio::select! {
+                _ = &mut cancelled => return,
+                permit = Arc::clone(&permits).acquire_owned() => match permit { Ok(p) => p, Err(_) => return },
+            };
             let handler = Arc::clone(&handler);
             sub.tracker.spawn(broker_core::scope_handler(key, async move {
                 if let Err(e) = broker_core::run_handler(handler.as_ref(), event, auto_ack).await {
