@@ -148,6 +148,7 @@ pub(crate) async fn subscribe(
         options.clone(),
         topic.into(),
         Shared { js: js.clone(), envelope: running.config.envelope, counters: Arc::clone(&running.counters), timeout },
+        running.config.ack_wait,
     );
     state.pump.spawn(pump);
     Ok(())
@@ -166,37 +167,89 @@ struct Shared {
 /// request lost in a reconnection (or a stalled long-lived pull) costs at most this long.
 const PULL_EXPIRES: Duration = Duration::from_secs(1);
 
-/// The next message of `consumer`, pulling a new batch (up to `size`, expiring after
-/// [`PULL_EXPIRES`]) whenever the current one is done. Cancel-safe: the batch lives in `current`.
-async fn next_message(
-    consumer: &async_nats::jetstream::consumer::PullConsumer,
-    current: &mut Option<pull::Batch>,
+/// The most messages one pull request asks for.
+const MAX_BATCH: usize = 256;
+
+/// Awaits `future` bounded by `timeout`, registering a timer only if it is not ready at once
+/// (a message already received, an ack with room in the client's channel: the usual case).
+async fn bounded<F: std::future::Future>(timeout: Duration, future: F) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    match futures::poll!(future.as_mut()) {
+        std::task::Poll::Ready(output) => Some(output),
+        std::task::Poll::Pending => tokio::time::timeout(timeout, future).await.ok(),
+    }
+}
+
+/// The pull requests of one subscription. One request at a time: the server shares messages
+/// among a consumer's waiting requests in turn, so two in flight would deliver out of order.
+/// Each costs a round trip to the server, so the request size grows (from `min`, doubling, up
+/// to [`MAX_BATCH`]) while batches come back full and their messages are handled fast enough that
+/// a whole batch takes well under `ack_wait` (pulled messages wait their turn unacknowledged:
+/// a batch handled slower than `ack_wait` would be redelivered while still queued here). It
+/// falls back to `min` after a batch that was not full (no backlog) or took too long.
+struct Puller {
+    current: Option<pull::Batch>,
+    min: usize,
     size: usize,
-    timeout: Duration,
-) -> std::result::Result<async_nats::jetstream::Message, String> {
-    loop {
-        let batch = match current {
-            Some(batch) => batch,
-            None => {
-                let request = consumer.batch().max_messages(size).expires(PULL_EXPIRES).messages();
-                match tokio::time::timeout(timeout, request).await {
-                    Ok(Ok(batch)) => current.insert(batch),
-                    Ok(Err(error)) => return Err(format!("pull request failed: {error}")),
-                    Err(_) => return Err(format!("pull request not sent within {timeout:?}")),
+    /// Messages taken from `current`, and when it was requested.
+    taken: usize,
+    since: tokio::time::Instant,
+    ack_wait: Duration,
+}
+
+impl Puller {
+    fn new(min: usize, ack_wait: Duration) -> Self {
+        Puller { current: None, min, size: min, taken: 0, since: tokio::time::Instant::now(), ack_wait }
+    }
+
+    /// The batch in `current` ended (complete or expired): size the next request.
+    fn ended(&mut self) {
+        let full = self.taken >= self.size;
+        let fast = self.since.elapsed() * 4 < self.ack_wait;
+        self.size = if full && fast { (self.size * 2).min(MAX_BATCH.max(self.min)) } else { self.min };
+        self.current = None;
+    }
+
+    /// The next message of `consumer`, pulling a new batch whenever the current one is done.
+    /// Cancel-safe: the batch lives in `self`.
+    async fn next(
+        &mut self,
+        consumer: &async_nats::jetstream::consumer::PullConsumer,
+        timeout: Duration,
+    ) -> std::result::Result<async_nats::jetstream::Message, String> {
+        loop {
+            let batch = match &mut self.current {
+                Some(batch) => batch,
+                None => {
+                    let request = consumer.batch().max_messages(self.size).expires(PULL_EXPIRES).messages();
+                    match tokio::time::timeout(timeout, request).await {
+                        Ok(Ok(batch)) => {
+                            self.taken = 0;
+                            self.since = tokio::time::Instant::now();
+                            self.current.insert(batch)
+                        }
+                        Ok(Err(error)) => return Err(format!("pull request failed: {error}")),
+                        Err(_) => return Err(format!("pull request not sent within {timeout:?}")),
+                    }
                 }
-            }
-        };
-        match tokio::time::timeout(PULL_EXPIRES + timeout, batch.next()).await {
-            Ok(Some(Ok(message))) => return Ok(message),
-            Ok(Some(Err(error))) => {
-                *current = None;
-                return Err(error.to_string());
-            }
-            // Expired or complete: ask again.
-            Ok(None) => *current = None,
-            Err(_) => {
-                *current = None;
-                return Err("a pull request was not answered in time".to_string());
+            };
+            match bounded(PULL_EXPIRES + timeout, batch.next()).await {
+                Some(Some(Ok(message))) => {
+                    self.taken += 1;
+                    return Ok(message);
+                }
+                Some(Some(Err(error))) => {
+                    self.current = None;
+                    self.size = self.min;
+                    return Err(error.to_string());
+                }
+                // Expired or complete: ask again.
+                Some(None) => self.ended(),
+                None => {
+                    self.current = None;
+                    self.size = self.min;
+                    return Err("a pull request was not answered in time".to_string());
+                }
             }
         }
     }
@@ -209,25 +262,32 @@ async fn pump(
     options: SubscribeOptions,
     topic: Arc<str>,
     shared: Shared,
+    ack_wait: Duration,
 ) {
-    let limit = Arc::new(Semaphore::new(options.concurrency));
-    let size = (options.concurrency * 8).clamp(8, 256);
-    let mut current: Option<pull::Batch> = None;
+    // Concurrency 1 runs each handler inline (see `SubState::dispatch`): nothing to limit.
+    let limit = (!state.inline).then(|| Arc::new(Semaphore::new(options.concurrency)));
+    let mut puller = Puller::new((options.concurrency * 8).clamp(8, MAX_BATCH), ack_wait);
+    // Made once, not per message: each registers with its token's waiter list when made.
+    let mut stop = std::pin::pin!(state.stop.cancelled());
+    let mut drain = std::pin::pin!(state.drain.cancelled());
     loop {
-        let permit = tokio::select! {
-            biased;
-            _ = state.stop.cancelled() => break,
-            _ = state.drain.cancelled() => break,
-            permit = Arc::clone(&limit).acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
+        let permit = match &limit {
+            None => None,
+            Some(limit) => tokio::select! {
+                biased;
+                _ = &mut stop => break,
+                _ = &mut drain => break,
+                permit = Arc::clone(limit).acquire_owned() => match permit {
+                    Ok(permit) => Some(permit),
+                    Err(_) => break,
+                },
             },
         };
         let step = tokio::select! {
             biased;
-            _ = state.stop.cancelled() => Step::Stop,
-            _ = state.drain.cancelled() => Step::Drain,
-            message = next_message(&consumer, &mut current, size, shared.timeout) => Step::Item(message),
+            _ = &mut stop => Step::Stop,
+            _ = &mut drain => Step::Drain,
+            message = puller.next(&consumer, shared.timeout) => Step::Item(message),
         };
         let message = match step {
             // Prefetched, unacknowledged messages are redelivered after ack_wait.
@@ -237,7 +297,7 @@ async fn pump(
                 shared.counters.consumer_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%topic, %error, "nats broker: JetStream consumer error; continuing");
                 tokio::select! {
-                    _ = state.stop.cancelled() => break,
+                    _ = &mut stop => break,
                     _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
                 }
             }
@@ -248,7 +308,7 @@ async fn pump(
             Err(error) => {
                 shared.counters.codec_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%topic, %error, "nats broker: a message did not decode; the handler was not called, the message is terminated");
-                let _ = tokio::time::timeout(shared.timeout, message.ack_with(AckKind::Term)).await;
+                let _ = bounded(shared.timeout, message.ack_with(AckKind::Term)).await;
                 continue;
             }
         };
@@ -270,9 +330,9 @@ async fn pump(
     }
     // Messages prefetched but not handed to the handler go back at once (a queue group's other
     // members take them) instead of waiting for ack_wait. Ones still on the way wait for ack_wait.
-    while let Some(batch) = current.as_mut() {
+    while let Some(batch) = puller.current.as_mut() {
         let Some(Some(Ok(message))) = batch.next().now_or_never() else { break };
-        let _ = tokio::time::timeout(shared.timeout, message.ack_with(AckKind::Nak(None))).await;
+        let _ = bounded(shared.timeout, message.ack_with(AckKind::Nak(None))).await;
     }
 }
 
@@ -293,9 +353,9 @@ struct JetStreamAck {
 
 impl JetStreamAck {
     async fn settle(&self, kind: AckKind) -> Result<()> {
-        tokio::time::timeout(self.shared.timeout, self.message.ack_with(kind))
+        bounded(self.shared.timeout, self.message.ack_with(kind))
             .await
-            .map_err(|_| error::timeout("acknowledging a JetStream message", self.shared.timeout))?
+            .ok_or_else(|| error::timeout("acknowledging a JetStream message", self.shared.timeout))?
             .map_err(|e| Error::new(ErrorKind::Connection, format!("acknowledging a JetStream message: {e}")))
     }
 

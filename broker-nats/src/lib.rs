@@ -85,6 +85,7 @@ pub mod wire;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::hash::BuildHasherDefault;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use std::time::Duration;
@@ -190,25 +191,181 @@ pub(crate) struct Running {
     pub(crate) counters: Arc<Counters>,
     /// The servers, credentials hidden, for messages.
     pub(crate) servers: String,
-    /// Group flush of core publishes: how many publishes were enqueued so far, and (under the
-    /// lock, held by the one flush in flight) how many of them the last finished flush covered.
-    enqueued: AtomicU64,
-    flushed: tokio::sync::Mutex<u64>,
+    /// Group flush of core publishes.
+    flush: FlushGroup,
+    /// Subjects of the topics published to, validated once (see [`Running::subject`]).
+    subjects: RwLock<HashMap<Box<str>, async_nats::Subject, BuildHasherDefault<Fnv>>>,
 }
 
-impl Running {
-    /// Returns once publish number `mine` (counted in `enqueued` after it was handed to the
-    /// client) has been flushed: by a flush of its own, or by one that started after it was
-    /// enqueued. Concurrent publishers share one flush instead of queueing one each.
-    async fn flush_covering(&self, mine: u64, topic: &str) -> Result<()> {
-        let mut flushed = self.flushed.lock().await;
-        if *flushed >= mine {
-            return Ok(());
+/// FNV-1a, for the subject cache: a few instructions per byte of a short topic where SipHash
+/// costs a few hundred per lookup. The topics are the application's, and the map is bounded
+/// ([`SUBJECT_CACHE_LIMIT`]), so collisions chosen on purpose could only slow it down.
+#[derive(Debug)]
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl std::hash::Hasher for Fnv {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
         }
-        let upto = self.enqueued.load(Ordering::Acquire);
-        self.client.flush().await.map_err(|e| error::flush(e, topic))?;
-        *flushed = upto;
-        Ok(())
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// Topics whose subjects [`Running::subject`] keeps; beyond that a topic is validated and
+/// converted on every publish (a process publishing to ever new topics must not grow the map).
+const SUBJECT_CACHE_LIMIT: usize = 4096;
+
+impl Running {
+    /// The validated subject of `topic`, from the cache: a publish to a known topic neither
+    /// validates nor allocates it again (a `Subject` clone is a reference count).
+    fn subject(&self, topic: &str) -> Result<async_nats::Subject> {
+        if let Some(subject) = self.subjects.read().unwrap_or_else(|p| p.into_inner()).get(topic) {
+            return Ok(subject.clone());
+        }
+        validate_topic(topic)?;
+        let subject = async_nats::Subject::from(topic);
+        let mut subjects = self.subjects.write().unwrap_or_else(|p| p.into_inner());
+        if subjects.len() < SUBJECT_CACHE_LIMIT {
+            subjects.insert(topic.into(), subject.clone());
+        }
+        Ok(subject)
+    }
+
+    /// A core publish: handed to the client, then returns once a flush covering it finished,
+    /// all within `publish_timeout`.
+    async fn publish_core(&self, subject: async_nats::Subject, topic: &str, out: wire::Outgoing) -> Result<()> {
+        let timeout = self.options.publish_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let timed_out = || error::timeout(&format!("publish to {topic:?}"), timeout);
+        let client = &self.client;
+        // In a block of its own: the send's future (large) is gone before the flush wait, and
+        // does not enlarge the state kept across it.
+        let sent = {
+            // One future for both cases (publish and publish_with_headers are two, and a future
+            // holding either is as large as both).
+            let message = async_nats::message::OutboundMessage {
+                subject,
+                reply: None,
+                payload: out.payload,
+                headers: out.headers,
+            };
+            let mut send = std::pin::pin!(async_nats::client::traits::Publisher::publish_message(client, message));
+            // There is nearly always room in the client's channel: no timer unless there is none.
+            match futures::poll!(send.as_mut()) {
+                std::task::Poll::Ready(sent) => sent,
+                std::task::Poll::Pending => {
+                    Box::pin(tokio::time::timeout_at(deadline, send)).await.map_err(|_| timed_out())?
+                }
+            }
+        };
+        sent.map_err(|e| error::publish(e, topic))?;
+        let mine = self.flush.enqueued.fetch_add(1, Ordering::AcqRel) + 1;
+        match self.flush.covering(client, mine, deadline).await {
+            Ok(()) => Ok(()),
+            Err(Some(e)) => Err(error::flush(e, topic)),
+            Err(None) => Err(timed_out()),
+        }
+    }
+}
+
+/// Group flush of core publishes: concurrent publishers share one flush instead of queueing one
+/// each, and only the publisher running the flush holds a timer. Publishes are numbered in
+/// `enqueued` after they were handed to the client; a flush that started after publish `n` was
+/// numbered covers it (the client's channel is FIFO).
+#[derive(Debug)]
+struct FlushGroup {
+    /// Publishes handed to the client so far.
+    enqueued: AtomicU64,
+    /// The highest publish number covered by a finished flush.
+    flushed: AtomicU64,
+    /// 0: no flush in flight; otherwise the deadline of the publisher running it (ns since
+    /// `epoch`, at least 1), which gives up then.
+    lead: AtomicU64,
+    /// Woken whenever a flush ends, successfully or not.
+    done: tokio::sync::Notify,
+    epoch: tokio::time::Instant,
+}
+
+impl FlushGroup {
+    fn new() -> Self {
+        FlushGroup {
+            enqueued: AtomicU64::new(0),
+            flushed: AtomicU64::new(0),
+            lead: AtomicU64::new(0),
+            done: tokio::sync::Notify::new(),
+            epoch: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Returns once publish number `mine` is covered by a finished flush: one in flight that
+    /// started after it was numbered, or one it runs itself when none is in flight. `Err(None)`:
+    /// `deadline` passed; `Err(Some(_))`: its own flush failed.
+    async fn covering(
+        &self,
+        client: &async_nats::Client,
+        mine: u64,
+        deadline: tokio::time::Instant,
+    ) -> std::result::Result<(), Option<async_nats::client::FlushError>> {
+        let my_deadline =
+            u64::try_from(deadline.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX).max(1);
+        loop {
+            if self.flushed.load(Ordering::Acquire) >= mine {
+                return Ok(());
+            }
+            // Registered before looking again, so that the end of the flush in flight is not missed.
+            let mut ended = std::pin::pin!(self.done.notified());
+            ended.as_mut().enable();
+            if self.flushed.load(Ordering::Acquire) >= mine {
+                return Ok(());
+            }
+            match self.lead.compare_exchange(0, my_deadline, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    // Ends the lead even if this future is dropped mid-flush (its caller gave up).
+                    let _lead = LeadGuard(self);
+                    let upto = self.enqueued.load(Ordering::Acquire);
+                    // Boxed, as the timed wait below: one publish in many runs a flush, and
+                    // inline these would enlarge every publish's (allocated, moved) future.
+                    return match Box::pin(tokio::time::timeout_at(deadline, client.flush())).await {
+                        Ok(Ok(())) => {
+                            self.flushed.fetch_max(upto, Ordering::AcqRel);
+                            Ok(())
+                        }
+                        Ok(Err(e)) => Err(Some(e)),
+                        Err(_) => Err(None),
+                    };
+                }
+                // The flush in flight ends (or gives up) by its runner's deadline: a timer of our
+                // own only if ours comes first.
+                Err(lead) if lead > my_deadline => {
+                    if Box::pin(tokio::time::timeout_at(deadline, ended)).await.is_err() {
+                        return Err(None);
+                    }
+                }
+                // Each wait ends by `deadline`, and so does a flush run after it: past it, the
+                // next turn of the loop fails at once.
+                Err(_) => ended.await,
+            }
+        }
+    }
+}
+
+/// Ends a flush's lead: the next waiting publisher may start one.
+struct LeadGuard<'a>(&'a FlushGroup);
+
+impl Drop for LeadGuard<'_> {
+    fn drop(&mut self) {
+        self.0.lead.store(0, Ordering::Release);
+        self.0.done.notify_waiters();
     }
 }
 
@@ -263,14 +420,14 @@ impl SubState {
         self.wait_for_others().await;
     }
 
-    /// Runs the handler on `event`, releasing `permit` after: with concurrency 1 right here, in
-    /// the pump (no task per delivery), otherwise as one of this subscription's tasks.
+    /// Runs the handler on `event`, releasing `permit` (if any) after: with concurrency 1 right
+    /// here, in the pump (no task per delivery), otherwise as one of this subscription's tasks.
     pub(crate) async fn dispatch(
         self: &Arc<Self>,
         handler: &Arc<dyn Handler>,
         event: Event,
         auto_ack: bool,
-        permit: OwnedSemaphorePermit,
+        permit: Option<OwnedSemaphorePermit>,
         counters: Option<&Arc<Counters>>,
     ) {
         if self.inline {
@@ -480,8 +637,8 @@ async fn open(options: &BrokerOptions, config: &NatsConfig, counters: &Arc<Count
         next_sub: AtomicU64::new(1),
         counters: Arc::clone(counters),
         servers: servers_text,
-        enqueued: AtomicU64::new(0),
-        flushed: tokio::sync::Mutex::new(0),
+        flush: FlushGroup::new(),
+        subjects: RwLock::new(HashMap::default()),
     })
 }
 
@@ -569,26 +726,18 @@ impl Broker for NatsBroker {
 
     async fn publish(&self, topic: &str, mut message: Message, options: PublishOptions) -> Result<()> {
         let running = self.connected()?;
-        validate_topic(topic)?;
-        capabilities_of(&running.config).check_publish(NAME, &options)?;
-        message.headers.extend(options.headers);
-        let out = wire::encode(topic, message, running.config.envelope)?;
-        let timeout = running.options.publish_timeout;
         if running.js.is_some() {
-            return jetstream::publish(&running, topic, out).await;
+            // Boxed: the JetStream publish's future is large, and every core publish's future
+            // (allocated and moved by async_trait) would otherwise be as large.
+            return Box::pin(publish_jetstream(running, topic, message, options)).await;
         }
-        let client = &running.client;
-        tokio::time::timeout(timeout, async {
-            match out.headers {
-                Some(headers) => client.publish_with_headers(topic.to_string(), headers, out.payload).await,
-                None => client.publish(topic.to_string(), out.payload).await,
-            }
-            .map_err(|e| error::publish(e, topic))?;
-            let mine = running.enqueued.fetch_add(1, Ordering::AcqRel) + 1;
-            running.flush_covering(mine, topic).await
-        })
-        .await
-        .map_err(|_| error::timeout(&format!("publish to {topic:?}"), timeout))?
+        let subject = running.subject(topic)?;
+        capabilities_of(&running.config).check_publish(NAME, &options)?;
+        if !options.headers.is_empty() {
+            message.headers.extend(options.headers);
+        }
+        let out = wire::encode(topic, message, running.config.envelope)?;
+        running.publish_core(subject, topic, out).await
     }
 
     async fn subscribe(
@@ -618,6 +767,19 @@ impl Broker for NatsBroker {
     fn capabilities(&self) -> Capabilities {
         capabilities_of(&self.config())
     }
+}
+
+async fn publish_jetstream(
+    running: Arc<Running>,
+    topic: &str,
+    mut message: Message,
+    options: PublishOptions,
+) -> Result<()> {
+    validate_topic(topic)?;
+    capabilities_of(&running.config).check_publish(NAME, &options)?;
+    message.headers.extend(options.headers);
+    let out = wire::encode(topic, message, running.config.envelope)?;
+    jetstream::publish(&running, topic, out).await
 }
 
 async fn core_subscribe(
@@ -674,7 +836,8 @@ enum Step<T> {
     Item(T),
 }
 
-/// One core subscription's loop: a concurrency permit, then a message, then its handler in a task.
+/// One core subscription's loop: a concurrency permit, then a message, then its handler (run
+/// right here at concurrency 1, in a task otherwise).
 async fn core_pump(
     mut subscription: async_nats::Subscriber,
     state: Arc<SubState>,
@@ -684,21 +847,30 @@ async fn core_pump(
     envelope: Envelope,
     counters: Arc<Counters>,
 ) {
-    let limit = Arc::new(Semaphore::new(options.concurrency));
+    // Concurrency 1 runs each handler inline: the next message is only read once it is done,
+    // so there is nothing to limit.
+    let limit = (!state.inline).then(|| Arc::new(Semaphore::new(options.concurrency)));
+    // Made once, not per message: each of these registers with (and leaves) its token's waiter
+    // list when made and dropped.
+    let mut stop = std::pin::pin!(state.stop.cancelled());
+    let mut drain = std::pin::pin!(state.drain.cancelled());
     let mut draining = false;
     loop {
-        let permit = tokio::select! {
-            biased;
-            _ = state.stop.cancelled() => break,
-            permit = Arc::clone(&limit).acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
+        let permit = match &limit {
+            None => None,
+            Some(limit) => tokio::select! {
+                biased;
+                _ = &mut stop => break,
+                permit = Arc::clone(limit).acquire_owned() => match permit {
+                    Ok(permit) => Some(permit),
+                    Err(_) => break,
+                },
             },
         };
         let step = tokio::select! {
             biased;
-            _ = state.stop.cancelled() => Step::Stop,
-            _ = state.drain.cancelled(), if !draining => Step::Drain,
+            _ = &mut stop => Step::Stop,
+            _ = &mut drain, if !draining => Step::Drain,
             message = subscription.next() => match message {
                 Some(message) => Step::Item(message),
                 None => Step::Stop,
