@@ -209,6 +209,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_secret_that_is_no_header_value_is_refused_at_connect() {
+        let options = broker_core::BrokerOptions::new().with_param("secret", "line\nbreak");
+        let config = HttpConfig::from_options(&options).unwrap();
+        let Err(error) = HttpTransport::new(config) else { panic!("a secret with a newline was accepted") };
+        assert_eq!(error.kind(), broker_core::ErrorKind::InvalidInput);
+        assert!(error.to_string().contains("secret"), "{error}");
+    }
+
+    #[test]
     fn statuses_are_classified() {
         assert!(matches!(classify(StatusCode::OK, String::new()), Outcome::Delivered));
         assert!(matches!(classify(StatusCode::NO_CONTENT, String::new()), Outcome::Delivered));
