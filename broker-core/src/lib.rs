@@ -43,6 +43,7 @@ mod options;
 pub mod params;
 mod plugin;
 mod running;
+mod topic_hash;
 
 pub use broker::{
     Broker, BrokerExt, Handler, HandlerResult, Subscriber, handler_fn, run_handler, running_handler_of, scope_handler,
@@ -63,6 +64,7 @@ pub use plugin::{
     from_name, plugin,
 };
 pub use running::RunningState;
+pub use topic_hash::{TopicHash, TopicHasher};
 
 #[doc(hidden)]
 pub mod __private {

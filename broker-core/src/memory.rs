@@ -107,53 +107,10 @@ struct Shared {
     options: RwLock<BrokerOptions>,
     default_buffer: AtomicUsize,
     connected: AtomicBool,
-    topics: Mutex<HashMap<String, TopicQueues, TopicHash>>,
+    topics: Mutex<HashMap<String, TopicQueues, crate::TopicHash>>,
     members: Mutex<HashMap<u64, Arc<Member>>>,
     next_member: AtomicU64,
     dropped: AtomicU64,
-}
-
-/// A word-at-a-time multiplicative hash (FxHash's) for the topic map, which every publish looks
-/// up: a fraction of SipHash's cost for a topic name. Flooding it with colliding keys would take
-/// subscribing to them (only `subscribe` inserts), the application's own doing, not outside input.
-type TopicHash = std::hash::BuildHasherDefault<TopicHasher>;
-
-#[derive(Default)]
-struct TopicHasher(u64);
-
-impl TopicHasher {
-    const SEED: u64 = 0xf135_7aea_2e62_a9c5;
-
-    fn add(&mut self, word: u64) {
-        self.0 = (self.0 ^ word).wrapping_mul(Self::SEED);
-    }
-}
-
-impl std::hash::Hasher for TopicHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        let mut chunks = bytes.chunks_exact(8);
-        for chunk in &mut chunks {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(chunk);
-            self.add(u64::from_le_bytes(word));
-        }
-        let rest = chunks.remainder();
-        if !rest.is_empty() {
-            let mut word = [0u8; 8];
-            word[..rest.len()].copy_from_slice(rest);
-            self.add(u64::from_le_bytes(word) ^ ((rest.len() as u64) << 59));
-        }
-    }
-
-    fn write_u8(&mut self, byte: u8) {
-        self.add(u64::from(byte));
-    }
-
-    fn finish(&self) -> u64 {
-        // The table takes its buckets from the low bits and its tags from the top 7: fold the
-        // well-mixed high bits down.
-        self.0.rotate_left(26)
-    }
 }
 
 #[derive(Default)]

@@ -85,7 +85,6 @@ pub mod wire;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::hash::BuildHasherDefault;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use std::time::Duration;
@@ -194,31 +193,7 @@ pub(crate) struct Running {
     /// Group flush of core publishes.
     flush: FlushGroup,
     /// Subjects of the topics published to, validated once (see [`Running::subject`]).
-    subjects: RwLock<HashMap<Box<str>, async_nats::Subject, BuildHasherDefault<Fnv>>>,
-}
-
-/// FNV-1a, for the subject cache: a few instructions per byte of a short topic where SipHash
-/// costs a few hundred per lookup. The topics are the application's, and the map is bounded
-/// ([`SUBJECT_CACHE_LIMIT`]), so collisions chosen on purpose could only slow it down.
-#[derive(Debug)]
-struct Fnv(u64);
-
-impl Default for Fnv {
-    fn default() -> Self {
-        Fnv(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl std::hash::Hasher for Fnv {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
+    subjects: RwLock<HashMap<Box<str>, async_nats::Subject, broker_core::TopicHash>>,
 }
 
 /// Topics whose subjects [`Running::subject`] keeps; beyond that a topic is validated and
