@@ -155,22 +155,22 @@ impl std::fmt::Debug for Subscription {
 /// Runs a future in the task that awaits it; if that task drops it before it finished, the rest
 /// of it runs in a task of `tracker` instead of being cancelled (a handler always runs to its
 /// end). Without a runtime to spawn on (the runtime is shutting down) the rest is dropped.
-struct FinishOnDrop<F: Future<Output = T> + Send + 'static, T: Send + 'static> {
+struct FinishOnDrop<F: Future<Output: Send> + Send + 'static> {
     /// Boxed, so that it can move into a task after it was polled.
     future: Option<Pin<Box<F>>>,
     tracker: TaskTracker,
 }
 
-impl<F: Future<Output = T> + Send + 'static, T: Send + 'static> FinishOnDrop<F, T> {
+impl<F: Future<Output: Send> + Send + 'static> FinishOnDrop<F> {
     fn new(future: F, tracker: TaskTracker) -> Self {
         FinishOnDrop { future: Some(Box::pin(future)), tracker }
     }
 }
 
-impl<F: Future<Output = T> + Send + 'static, T: Send + 'static> Future for FinishOnDrop<F, T> {
-    type Output = T;
+impl<F: Future<Output: Send> + Send + 'static> Future for FinishOnDrop<F> {
+    type Output = F::Output;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let Some(future) = self.future.as_mut() else { return Poll::Pending };
         let output = std::task::ready!(future.as_mut().poll(cx));
         self.future = None;
@@ -178,7 +178,7 @@ impl<F: Future<Output = T> + Send + 'static, T: Send + 'static> Future for Finis
     }
 }
 
-impl<F: Future<Output = T> + Send + 'static, T: Send + 'static> Drop for FinishOnDrop<F, T> {
+impl<F: Future<Output: Send> + Send + 'static> Drop for FinishOnDrop<F> {
     fn drop(&mut self) {
         if let Some(future) = self.future.take() {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -214,8 +214,7 @@ struct AnswerAck(Arc<Settle>);
 #[async_trait]
 impl Acknowledger for AnswerAck {
     async fn ack(&self) -> Result<()> {
-        self.0.state.store(ACKED, Ordering::Release);
-        Ok(())
+        self.ack_now().unwrap_or(Ok(()))
     }
 
     fn ack_now(&self) -> Option<Result<()>> {

@@ -4,10 +4,11 @@
 //! `publish` encodes the message once and puts it in the topic's inbox; one dispatcher task per
 //! topic with waiting messages (it ends 100 ms after its inbox emptied) looks the topic's
 //! subscribers up (through the registry cache) and hands each message to delivery tasks, at most
-//! `max_in_flight` at a time, so the backlog is paced by responses. A message with no subscriber stays in the inbox, and the dispatcher waits
-//! for the registry to change (a subscriber appearing), for a new publish, or for a timer with
-//! backoff. A failed delivery goes back into the inbox aimed at what failed (one broadcast node,
-//! or one queue group), with a backoff, until `max_attempts`.
+//! `max_in_flight` at a time, so the backlog is paced by responses. A message with no subscriber
+//! stays in the inbox, and the dispatcher waits for the registry to change (a subscriber
+//! appearing), for a new publish, or for a timer with backoff. A failed delivery goes back into the
+//! inbox aimed at what failed (one broadcast node, or one queue group), with a backoff, until
+//! `max_attempts`.
 //!
 //! What differs between backends (the registry service name, the broadcast version, the encoding,
 //! and one delivery to one node) is the [`Transport`]; everything else is here, once.
