@@ -36,9 +36,11 @@ pub(crate) fn new(config: HttpConfig, cache: Arc<Cache>, counters: Arc<DeliveryC
     Ok(outbox::Outbox::new(bounds, HttpTransport::new(config)?, cache, counters))
 }
 
-/// How many nodes' request targets [`HttpTransport`] keeps; past it the map starts afresh
-/// (entries of nodes that left are otherwise never removed).
-const MAX_CACHED_TARGETS: usize = 4096;
+/// How many nodes' request targets [`HttpTransport`] keeps (entries of nodes that left are
+/// otherwise never removed); past it, every other entry goes. Every subscription is a node of its
+/// own, so this is sized for tens of thousands of topics (at 4,096, a publisher to 10,000 topics
+/// found almost none of its targets: the map was cleared every 4,096 of them).
+const MAX_CACHED_TARGETS: usize = 32_768;
 
 /// One POST of Go Micro's JSON body to one node, in the configured dialect.
 pub(crate) struct HttpTransport {
@@ -48,11 +50,10 @@ pub(crate) struct HttpTransport {
     secret: Option<HeaderValue>,
     /// Per node id, the URI of its deliveries, built once: encoding the query and parsing the
     /// URI cost more than the rest of preparing a POST.
-    targets: Mutex<HashMap<String, NodeTarget>>,
+    targets: Mutex<HashMap<String, Arc<NodeTarget>>>,
 }
 
 /// Where the deliveries to one node go.
-#[derive(Clone)]
 struct NodeTarget {
     address: String,
     secure: bool,
@@ -86,12 +87,12 @@ impl HttpTransport {
     }
 
     /// The target of `node`, from the map when its address and scheme are unchanged.
-    fn target(&self, node: &Node) -> std::result::Result<NodeTarget, String> {
+    fn target(&self, node: &Node) -> std::result::Result<Arc<NodeTarget>, String> {
         let secure = node.metadata.get("secure").map(String::as_str) == Some("true");
         let mut targets = self.targets.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(target) = targets.get(&node.id) {
             if target.address == node.address && target.secure == secure {
-                return Ok(target.clone());
+                return Ok(Arc::clone(target));
             }
         }
         let scheme = if secure { "https" } else { "http" };
@@ -100,11 +101,15 @@ impl HttpTransport {
         let first = Uri::try_from(format!("{prefix}1")).map_err(|error| {
             format!("node {} has an address that makes no URI ({:?}): {error}", node.id, node.address)
         })?;
-        let target = NodeTarget { address: node.address.clone(), secure, prefix, first };
+        let target = Arc::new(NodeTarget { address: node.address.clone(), secure, prefix, first });
         if targets.len() >= MAX_CACHED_TARGETS {
-            targets.clear();
+            let mut keep = false;
+            targets.retain(|_, _| {
+                keep = !keep;
+                keep
+            });
         }
-        targets.insert(node.id.clone(), target.clone());
+        targets.insert(node.id.clone(), Arc::clone(&target));
         Ok(target)
     }
 
@@ -121,7 +126,7 @@ impl HttpTransport {
             ));
         }
         let uri = match attempt {
-            1 => target.first,
+            1 => target.first.clone(),
             n => match Uri::try_from(format!("{}{n}", target.prefix)) {
                 Ok(uri) => uri,
                 Err(error) => return Outcome::Refused(format!("cannot build a request to {}: {error}", node.address)),

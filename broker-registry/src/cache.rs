@@ -178,8 +178,11 @@ impl State {
 
     fn apply(&mut self, event: &WatchEvent) {
         let name = &event.service.name;
-        for node in &event.service.nodes {
-            self.forgotten.remove(&(name.clone(), node.id.clone()));
+        // The key is built (two allocations) only when some node is hidden: usually none is.
+        if !self.forgotten.is_empty() {
+            for node in &event.service.nodes {
+                self.forgotten.remove(&(name.clone(), node.id.clone()));
+            }
         }
         if let Some((_, seen)) = self.in_flight.get_mut(name) {
             seen.push(event.clone());
