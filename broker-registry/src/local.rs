@@ -6,19 +6,22 @@
 //! node>}`. Names are escaped byte-wise (`[A-Za-z0-9._-]` kept, anything else `%XX`, a leading
 //! `.` escaped too). Files are written to a temporary name in `<dir>` and renamed into place, so a
 //! reader never sees half a file, and every change touches `<dir>` itself, which lets one inotify
-//! watch on `<dir>` see all of them. Expired files are ignored and removed by whoever sees them.
+//! watch on `<dir>` see all of them. A temporary name ends with the escaped service directory it
+//! goes to or comes from (when that fits in a file name), so that a watcher lists only the
+//! directories that changed; a change it cannot place makes it list them all. Expired files are
+//! ignored and removed by whoever sees them.
 //!
 //! The default directory is `$XDG_RUNTIME_DIR/micro-registry`, else
 //! `<temp dir>/micro-registry-<uid>`, created with mode 0700 and refused if another user owns it.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fs;
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use notify::Watcher as _;
@@ -35,6 +38,14 @@ pub const LOCAL_DIR_NAME: &str = "micro-registry";
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// How often an inotify-driven watcher rescans anyway, as a safety net.
 const SAFETY_RESCAN: Duration = Duration::from_secs(1);
+/// A rescan skips a service directory whose identity and modification time are those it had when
+/// last listed, provided that modification time was at least this old then: a directory's
+/// modification time has a coarse clock (a kernel tick), so two changes within one tick may leave
+/// the same time, and only a time older than any tick proves that no change followed it.
+const DIR_STAMP_SETTLED: Duration = Duration::from_secs(1);
+/// A service directory is listed again after this long even when its stamp says nothing changed
+/// (a file rewritten in place, by a foreign tool, changes no directory stamp).
+const RELIST_AFTER_MS: u64 = 60_000;
 /// Leftover temporary files (from a process that died mid-write) older than this are removed.
 const STALE_TEMP_AGE: Duration = Duration::from_secs(600);
 /// How old an empty service directory must be before a scan removes it as a leftover. A
@@ -157,6 +168,7 @@ impl Registry for LocalRegistry {
             receiver.borrow_and_update();
             receiver
         });
+        let seen = signal.as_ref().map_or(0, |signal| lock(&signal.log).end());
         let poll = match (&signal, self.poll_only) {
             (_, Some(interval)) => interval,
             (Some(_), None) => SAFETY_RESCAN,
@@ -167,8 +179,8 @@ impl Registry for LocalRegistry {
         let baseline = self
             .blocking("watch", move |layout| {
                 let now = now_ms();
-                let mut snapshot = layout.scan(filter.as_deref(), &BTreeMap::new(), now)?;
-                diff(&BTreeMap::new(), &mut snapshot, now);
+                let mut snapshot = layout.scan(filter.as_deref(), &Snapshot::new(), now)?;
+                diff(&Snapshot::new(), &mut snapshot, now);
                 Ok(snapshot)
             })
             .await?;
@@ -176,9 +188,12 @@ impl Registry for LocalRegistry {
             layout: self.layout.clone(),
             name: name.map(str::to_owned),
             dir_filter,
+            next_expiry: earliest_expiry(baseline.values()),
             snapshot: baseline,
             pending: VecDeque::new(),
             signal: signal.zip(receiver),
+            seen,
+            full_scan_at: Instant::now(),
             poll,
             failed: false,
         };
@@ -211,8 +226,32 @@ struct Layout {
     root: Arc<PathBuf>,
 }
 
-/// `(escaped service dir, file name)` of a lease file.
-type Key = (String, String);
+/// What a watcher knows of the registry: per escaped service directory, what it held when last
+/// listed. Shared (`Arc`) between rescans while a directory is unchanged, so that a rescan of an
+/// unchanged registry copies nothing and reports nothing.
+type Snapshot = BTreeMap<String, Arc<DirState>>;
+
+/// What a watcher knows of one service directory.
+#[derive(Debug, Clone)]
+struct DirState {
+    /// The directory as stat'ed just before it was listed, when its modification time was old
+    /// enough to be trusted ([`DIR_STAMP_SETTLED`]); `None` makes the next rescan list it again.
+    stamp: Option<FileIdent>,
+    /// When it was listed, in ms since the epoch.
+    listed_ms: u64,
+    /// Its live lease files, by file name (a directory without any is not kept).
+    files: BTreeMap<String, FileState>,
+}
+
+impl DirState {
+    /// Whether a rescan may take this state as it is for a directory stat'ed as `stamp`: the
+    /// directory did not change, no lease in it has expired since, and it was listed recently.
+    fn still_valid(&self, stamp: &FileIdent, now_ms: u64) -> bool {
+        self.stamp.as_ref() == Some(stamp)
+            && now_ms.saturating_sub(self.listed_ms) < RELIST_AFTER_MS
+            && self.files.values().all(|file| file.lease.live_at(now_ms))
+    }
+}
 
 /// What a watcher knows of one lease file.
 #[derive(Debug, Clone)]
@@ -223,7 +262,8 @@ struct FileState {
     live: bool,
 }
 
-/// Identifies one version of a file: every write makes a new inode (temp file + rename).
+/// Identifies one version of a file (every write makes a new inode: temp file + rename), or of a
+/// directory (adding, replacing or removing an entry changes its modification time).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct FileIdent {
     ino: u64,
@@ -260,21 +300,29 @@ impl Layout {
         self.service_dir(name).join(format!("{}.json", escape_component(id)))
     }
 
-    /// A fresh name for a temporary file in the root directory (hidden: starts with `.`).
-    fn temp_path(&self, kind: &str) -> PathBuf {
+    /// A fresh name for a temporary file in the root directory (hidden: starts with `.`), for a
+    /// file that goes to or comes from service directory `dir_name` (escaped), which the name
+    /// ends with when it fits (see [`changed_dir`]).
+    fn temp_path(&self, kind: &str, dir_name: Option<&str>) -> PathBuf {
         static SEQUENCE: AtomicU64 = AtomicU64::new(0);
         let seq = SEQUENCE.fetch_add(1, Ordering::Relaxed);
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-        self.root.join(format!(".{kind}-{}-{seq}-{nanos}", std::process::id()))
+        let mut name = format!(".{kind}-{}-{seq}-{nanos}", std::process::id());
+        if let Some(dir_name) = dir_name.filter(|dir_name| name.len() + 1 + dir_name.len() <= MAX_FILE_NAME) {
+            name.push('-');
+            name.push_str(dir_name);
+        }
+        self.root.join(name)
     }
 
     fn write_node(&self, lease: &LeaseFile) -> Result<()> {
         let node_id = lease.service.nodes.first().map(|node| node.id.as_str()).unwrap_or_default();
-        let dir = self.service_dir(&lease.service.name);
+        let dir_name = escape_component(&lease.service.name);
+        let dir = self.root.join(&dir_name);
         let path = self.node_path(&lease.service.name, node_id);
         let bytes = serde_json::to_vec(lease)
             .map_err(|e| Error::codec(format!("cannot encode the lease of node {node_id:?}: {e}")).with_source(e))?;
-        let temp = self.temp_path("tmp");
+        let temp = self.temp_path("tmp", Some(&dir_name));
         let create = || fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&temp);
         let written = match create() {
             // The directory was removed (a temp cleaner, a user): make it again.
@@ -317,7 +365,7 @@ impl Layout {
     /// Removes `path` by renaming it into the root first, so that the root sees the change; then
     /// the service directory, if that was its last node.
     fn unlink_via_root(&self, path: &Path) -> Result<()> {
-        let temp = self.temp_path("del");
+        let temp = self.temp_path("del", parent_name(path));
         match fs::rename(path, &temp) {
             Ok(()) => {
                 fs::remove_file(&temp).map_err(|e| io_error("remove", &temp, e))?;
@@ -331,7 +379,7 @@ impl Layout {
 
     /// Removes the expired lease file at `path`, unless it was refreshed meanwhile.
     fn collect_expired(&self, path: &Path) {
-        let temp = self.temp_path("gc");
+        let temp = self.temp_path("gc", parent_name(path));
         if fs::rename(path, &temp).is_err() {
             return;
         }
@@ -374,18 +422,23 @@ impl Layout {
         Ok(group_by_version(services))
     }
 
-    /// Reads the lease files (of one service directory when `dir_filter` is set), re-reading
-    /// only files that changed since `previous` or whose recorded expiry has passed, and removing
-    /// the expired ones.
-    fn scan(
-        &self,
-        dir_filter: Option<&str>,
-        previous: &BTreeMap<Key, FileState>,
-        now: u64,
-    ) -> Result<BTreeMap<Key, FileState>> {
+    /// Reads the lease files (of one service directory when `dir_filter` is set), listing again
+    /// only the directories that changed since `previous` (see [`DirState::still_valid`]),
+    /// re-reading only files that changed or whose recorded expiry has passed, and removing the
+    /// expired ones. With thousands of services, listing every directory on every rescan was
+    /// most of a process's time (each subscription is a service directory of its own).
+    fn scan(&self, dir_filter: Option<&str>, previous: &Snapshot, now: u64) -> Result<Snapshot> {
         let mut dirs = Vec::new();
         match dir_filter {
-            Some(dir) => dirs.push(dir.to_owned()),
+            Some(dir_name) => {
+                let dir = self.root.join(dir_name);
+                match fs::symlink_metadata(&dir) {
+                    Ok(meta) if meta.is_dir() => dirs.push((dir_name.to_owned(), meta)),
+                    Ok(_) => {}
+                    Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => {}
+                    Err(e) => return Err(io_error("list", &dir, e)),
+                }
+            }
             None => {
                 let root = self.root.as_path();
                 for entry in fs::read_dir(root).map_err(|e| io_error("list", root, e))? {
@@ -395,54 +448,128 @@ impl Layout {
                     if name.starts_with('.') {
                         self.remove_if_stale_temp(&entry.path());
                     } else if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                        dirs.push(name.to_owned());
+                        // Stat'ed relative to the listing's descriptor (no path walk); a
+                        // directory removed meanwhile is skipped.
+                        if let Ok(meta) = entry.metadata() {
+                            dirs.push((name.to_owned(), meta));
+                        }
                     }
                 }
             }
         }
-        let mut snapshot = BTreeMap::new();
-        for dir_name in dirs {
-            let dir = self.root.join(&dir_name);
-            let entries = match fs::read_dir(&dir) {
-                Ok(entries) => entries,
-                Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => continue,
-                Err(e) => return Err(io_error("list", &dir, e)),
-            };
-            let mut empty = true;
-            for entry in entries {
-                empty = false;
-                let Ok(entry) = entry else { continue };
-                let file_name = entry.file_name();
-                if !is_lease_file_name(&file_name) {
-                    continue;
-                }
-                let Some(file_name) = file_name.to_str().map(str::to_owned) else { continue };
-                let path = entry.path();
-                let Ok(meta) = fs::symlink_metadata(&path) else { continue };
-                let ident = FileIdent::of(&meta);
-                let key = (dir_name.clone(), file_name);
-                let known = previous.get(&key).filter(|old| old.ident == ident && old.lease.live_at(now));
-                let state = match known {
-                    Some(old) => old.clone(),
-                    None => match read_lease(&path) {
-                        Ok(Some(lease)) => FileState { ident, lease, live: false },
-                        Ok(None) | Err(_) => continue,
-                    },
-                };
-                if state.lease.live_at(now) {
-                    snapshot.insert(key, state);
-                } else {
-                    self.collect_expired(&path);
-                }
+        let mut snapshot = Snapshot::new();
+        for (dir_name, meta) in dirs {
+            let stamp = FileIdent::of(&meta);
+            let known = previous.get(&dir_name);
+            if let Some(known) = known.filter(|known| known.still_valid(&stamp, now)) {
+                snapshot.insert(dir_name, Arc::clone(known));
+                continue;
             }
-            if empty && modified_before(&dir, LEFTOVER_DIR_AGE) {
-                // A service directory left empty (by a registry version that kept them, or a
-                // process that died between its last deregister and this clean-up): every scan
-                // lists every directory, so leftovers would make each rescan slower forever.
-                remove_dir_if_empty(Some(&dir));
+            if let Some(state) = self.list(&dir_name, &meta, known.map(|known| &**known), now)? {
+                snapshot.insert(dir_name, Arc::new(state));
             }
         }
         Ok(snapshot)
+    }
+
+    /// Lists again the service directories `dir_names` (changed, as inotify said), updating
+    /// `snapshot` and returning what changed; the other directories are not looked at.
+    fn rescan_dirs(
+        &self,
+        dir_filter: Option<&str>,
+        dir_names: &BTreeSet<String>,
+        snapshot: &mut Snapshot,
+        now: u64,
+    ) -> Result<Vec<WatchEvent>> {
+        // A vanished registry directory breaks the watch, as a full scan would find.
+        let root = self.root.as_path();
+        fs::symlink_metadata(root).map_err(|e| io_error("list", root, e))?;
+        let mut events = Vec::new();
+        for dir_name in dir_names.iter().filter(|name| dir_filter.is_none_or(|only| only == name.as_str())) {
+            let dir = self.root.join(dir_name);
+            let meta = match fs::symlink_metadata(&dir) {
+                Ok(meta) if meta.is_dir() => Some(meta),
+                Ok(_) => None,
+                Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => None,
+                Err(e) => return Err(io_error("list", &dir, e)),
+            };
+            let known = snapshot.remove(dir_name);
+            let mut state = match meta {
+                Some(meta) => self.list(dir_name, &meta, known.as_deref(), now)?,
+                None => None,
+            };
+            diff_dir(known.as_deref(), state.as_mut(), now, &mut events);
+            if let Some(state) = state {
+                snapshot.insert(dir_name.clone(), Arc::new(state));
+            }
+        }
+        Ok(events)
+    }
+
+    /// A service directory's state, listed now: `None` when it holds no live lease.
+    fn list(
+        &self,
+        dir_name: &str,
+        meta: &fs::Metadata,
+        known: Option<&DirState>,
+        now: u64,
+    ) -> Result<Option<DirState>> {
+        let settled = meta.modified().ok().and_then(|at| at.elapsed().ok()).is_some_and(|age| age >= DIR_STAMP_SETTLED);
+        let files = self.list_dir(dir_name, known.map(|known| &known.files), now)?;
+        Ok((!files.is_empty()).then(|| DirState { stamp: settled.then(|| FileIdent::of(meta)), listed_ms: now, files }))
+    }
+
+    /// The live lease files of one service directory, re-reading only those that differ from
+    /// `known`; removes expired files, and the directory itself if it is an old leftover.
+    fn list_dir(
+        &self,
+        dir_name: &str,
+        known: Option<&BTreeMap<String, FileState>>,
+        now: u64,
+    ) -> Result<BTreeMap<String, FileState>> {
+        let mut files = BTreeMap::new();
+        let dir = self.root.join(dir_name);
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => return Ok(files),
+            Err(e) => return Err(io_error("list", &dir, e)),
+        };
+        let mut empty = true;
+        for entry in entries {
+            empty = false;
+            let Ok(entry) = entry else { continue };
+            let file_name = entry.file_name();
+            if !is_lease_file_name(&file_name) {
+                continue;
+            }
+            let Some(file_name) = file_name.to_str().map(str::to_owned) else { continue };
+            let path = entry.path();
+            // Does not follow symlinks, like `symlink_metadata`.
+            let Ok(meta) = entry.metadata() else { continue };
+            let ident = FileIdent::of(&meta);
+            let unchanged = known
+                .and_then(|known| known.get(&file_name))
+                .filter(|old| old.ident == ident && old.lease.live_at(now));
+            let state = match unchanged {
+                Some(old) => old.clone(),
+                None => match read_lease(&path) {
+                    Ok(Some(lease)) => FileState { ident, lease, live: false },
+                    Ok(None) | Err(_) => continue,
+                },
+            };
+            if state.lease.live_at(now) {
+                files.insert(file_name, state);
+            } else {
+                self.collect_expired(&path);
+            }
+        }
+        if empty && modified_before(&dir, LEFTOVER_DIR_AGE) {
+            // A service directory left empty (by a registry version that kept them, or a
+            // process that died between its last deregister and this clean-up): every scan
+            // lists every directory, so leftovers would make each rescan slower forever.
+            remove_dir_if_empty(Some(&dir));
+        }
+        Ok(files)
     }
 
     fn remove_if_stale_temp(&self, path: &Path) {
@@ -462,12 +589,39 @@ fn modified_before(path: &Path, age: Duration) -> bool {
 }
 
 /// The events that turn the watcher's `previous` view into `next`, marking what `next` reports.
-fn diff(previous: &BTreeMap<Key, FileState>, next: &mut BTreeMap<Key, FileState>, now: u64) -> Vec<WatchEvent> {
+/// A directory whose state `next` shares with `previous` is unchanged and skipped.
+fn diff(previous: &Snapshot, next: &mut Snapshot, now: u64) -> Vec<WatchEvent> {
     let mut events = Vec::new();
+    for (dir_name, dir) in next.iter_mut() {
+        let old = previous.get(dir_name);
+        if old.is_some_and(|old| Arc::ptr_eq(old, dir)) {
+            continue;
+        }
+        // A state made by this scan: not shared, so this copies nothing.
+        diff_dir(old.map(|old| &**old), Some(Arc::make_mut(dir)), now, &mut events);
+    }
+    for (dir_name, old) in previous {
+        if !next.contains_key(dir_name) {
+            diff_dir(Some(old), None, now, &mut events);
+        }
+    }
+    events
+}
+
+/// The earliest expiry of a reported lease in `dirs`.
+fn earliest_expiry<'a>(dirs: impl Iterator<Item = &'a Arc<DirState>>) -> Option<u64> {
+    dirs.flat_map(|dir| dir.files.values())
+        .filter(|state| state.live)
+        .filter_map(|state| state.lease.expires_unix_ms)
+        .min()
+}
+
+/// The events that turn one directory's `old` state into `new`, marking what `new` reports.
+fn diff_dir(old: Option<&DirState>, mut new: Option<&mut DirState>, now: u64, events: &mut Vec<WatchEvent>) {
     let mut emit = |action, service: &Service| events.push(WatchEvent { action, service: service.clone() });
-    for (key, state) in next.iter_mut() {
+    for (file_name, state) in new.iter_mut().flat_map(|new| new.files.iter_mut()) {
         let live = state.lease.live_at(now);
-        let was_live = previous.get(key).map(|old| (old.live, old));
+        let was_live = old.and_then(|old| old.files.get(file_name)).map(|old| (old.live, old));
         match was_live {
             None | Some((false, _)) if live => emit(Action::Create, &state.lease.service),
             Some((true, old)) if !live => emit(Action::Delete, &old.lease.service),
@@ -476,12 +630,12 @@ fn diff(previous: &BTreeMap<Key, FileState>, next: &mut BTreeMap<Key, FileState>
         }
         state.live = live;
     }
-    for (key, old) in previous {
-        if old.live && !next.contains_key(key) {
+    let new_files = new.as_ref().map(|new| &new.files);
+    for (file_name, old) in old.iter().flat_map(|old| old.files.iter()) {
+        if old.live && !new_files.is_some_and(|files| files.contains_key(file_name)) {
             emit(Action::Delete, &old.lease.service);
         }
     }
-    events
 }
 
 /// One watcher: rescans when inotify says the root changed, at the next expiry, and every
@@ -490,9 +644,17 @@ struct LocalWatch {
     layout: Layout,
     name: Option<String>,
     dir_filter: Option<String>,
-    snapshot: BTreeMap<Key, FileState>,
+    snapshot: Snapshot,
     pending: VecDeque<WatchEvent>,
     signal: Option<(Arc<DirSignal>, watch::Receiver<u64>)>,
+    /// How far into the signal's [`ChangeLog`] this watcher has looked.
+    seen: u64,
+    /// The earliest expiry of a lease in `snapshot` (ms since the epoch), or earlier: a rescan of
+    /// a few directories only lowers it, the next full scan sets it exactly.
+    next_expiry: Option<u64>,
+    /// When every directory was last listed: at least every `poll`, even while changes keep
+    /// coming (the safety net against lost inotify events).
+    full_scan_at: Instant,
     poll: Duration,
     failed: bool,
 }
@@ -506,22 +668,46 @@ impl LocalWatch {
             if self.failed {
                 return None;
             }
-            self.wait().await;
-            let previous = std::mem::take(&mut self.snapshot);
+            let signalled = self.wait().await;
+            // After a change signal, only the directories it named (all of them if it named one
+            // it could not place); after a timer (poll, expiry, safety net), every directory.
+            let changed = match &self.signal {
+                Some((signal, _)) => {
+                    let changed = lock(&signal.log).since(&mut self.seen);
+                    changed.filter(|_| signalled && self.full_scan_at.elapsed() < self.poll)
+                }
+                None => None,
+            };
+            if changed.is_none() {
+                self.full_scan_at = Instant::now();
+            }
+            let mut snapshot = std::mem::take(&mut self.snapshot);
             let filter = self.dir_filter.clone();
             let layout = self.layout.clone();
+            let expiry_before = self.next_expiry;
             let scanned = tokio::task::spawn_blocking(move || {
                 let now = now_ms();
-                let mut next = layout.scan(filter.as_deref(), &previous, now)?;
-                let events = diff(&previous, &mut next, now);
-                Ok((next, events))
+                match changed {
+                    Some(dir_names) => {
+                        let events = layout.rescan_dirs(filter.as_deref(), &dir_names, &mut snapshot, now)?;
+                        let rescanned = earliest_expiry(dir_names.iter().filter_map(|name| snapshot.get(name)));
+                        Ok((snapshot, events, expiry_before.into_iter().chain(rescanned).min()))
+                    }
+                    None => {
+                        let mut next = layout.scan(filter.as_deref(), &snapshot, now)?;
+                        let events = diff(&snapshot, &mut next, now);
+                        let expiry = earliest_expiry(next.values());
+                        Ok((next, events, expiry))
+                    }
+                }
             })
             .await
             .map_err(|e| join_error("watch", e))
             .and_then(|scanned| scanned);
             match scanned {
-                Ok((next, events)) => {
+                Ok((next, events, next_expiry)) => {
                     self.snapshot = next;
+                    self.next_expiry = next_expiry;
                     let name = self.name.as_deref();
                     self.pending.extend(events.into_iter().filter(|e| name.is_none_or(|n| n == e.service.name)));
                 }
@@ -533,16 +719,11 @@ impl LocalWatch {
         }
     }
 
-    /// Waits for a change signal, the next expiry, or the poll interval, whichever comes first.
-    async fn wait(&mut self) {
+    /// Waits for a change signal, the next expiry, or the poll interval, whichever comes first;
+    /// true for a change signal.
+    async fn wait(&mut self) -> bool {
         let now = now_ms();
-        let next_expiry = self
-            .snapshot
-            .values()
-            .filter(|state| state.live)
-            .filter_map(|state| state.lease.expires_unix_ms)
-            .min()
-            .map(|at| Duration::from_millis(at.saturating_sub(now).saturating_add(1)));
+        let next_expiry = self.next_expiry.map(|at| Duration::from_millis(at.saturating_sub(now).saturating_add(1)));
         let wait = next_expiry.map_or(self.poll, |expiry| expiry.min(self.poll));
         match &mut self.signal {
             Some((_, receiver)) => {
@@ -552,21 +733,78 @@ impl LocalWatch {
                             // The inotify side is gone: fall back to polling.
                             self.signal = None;
                             self.poll = DEFAULT_POLL_INTERVAL;
+                            return false;
                         }
+                        true
                     }
-                    () = tokio::time::sleep(wait) => {}
+                    () = tokio::time::sleep(wait) => false,
                 }
             }
-            None => tokio::time::sleep(wait).await,
+            None => {
+                tokio::time::sleep(wait).await;
+                false
+            }
         }
     }
 }
 
 /// One inotify watch per directory and process, shared by every watcher of that directory: it
-/// bumps a counter on every change of the directory's entries.
+/// logs which service directory each change of the directory's entries was about, and bumps a
+/// counter.
 struct DirSignal {
     _watcher: notify::RecommendedWatcher,
     sender: Arc<watch::Sender<u64>>,
+    log: Arc<Mutex<ChangeLog>>,
+}
+
+/// The last [`ChangeLog::CAPACITY`] changes of a registry directory, in order: each the escaped
+/// service directory it touched, or `None` when that is unknown (a full rescan).
+#[derive(Default)]
+struct ChangeLog {
+    /// The position of `changes[0]` since the log began.
+    first: u64,
+    changes: VecDeque<Option<String>>,
+}
+
+impl ChangeLog {
+    /// Changes kept for watchers that lag behind; one that lags further rescans everything.
+    const CAPACITY: usize = 8192;
+
+    fn push(&mut self, change: Option<String>) {
+        if self.changes.len() == Self::CAPACITY {
+            self.changes.pop_front();
+            self.first += 1;
+        }
+        self.changes.push_back(change);
+    }
+
+    /// The position after the last change.
+    fn end(&self) -> u64 {
+        self.first + self.changes.len() as u64
+    }
+
+    /// The service directories changed since position `seen` (moved to the end); `None` when
+    /// one of the changes is not placed, or was already dropped from the log.
+    fn since(&self, seen: &mut u64) -> Option<BTreeSet<String>> {
+        let start = std::mem::replace(seen, self.end());
+        let skip = usize::try_from(start.checked_sub(self.first)?).ok()?;
+        self.changes.iter().skip(skip).cloned().collect()
+    }
+}
+
+/// The service directory (escaped) that a change of `path`, an entry of `root`, was about: the
+/// entry itself, or for a temporary file the directory its name ends with ([`Layout::temp_path`]).
+/// `None` when that is unknown: the root itself, or a temporary name of another form.
+fn changed_dir(root: &Path, path: &Path) -> Option<String> {
+    if path.parent() != Some(root) {
+        return None;
+    }
+    let name = path.file_name()?.to_str()?;
+    match name.strip_prefix('.') {
+        // `.<kind>-<pid>-<seq>-<nanos>-<dir>`
+        Some(temp) => temp.splitn(5, '-').nth(4).filter(|dir| !dir.is_empty()).map(str::to_owned),
+        None => Some(name.to_owned()),
+    }
 }
 
 fn dir_signal(root: &Path) -> Option<Arc<DirSignal>> {
@@ -578,11 +816,24 @@ fn dir_signal(root: &Path) -> Option<Arc<DirSignal>> {
     }
     signals.retain(|_, signal| signal.strong_count() > 0);
     let sender = Arc::new(watch::channel(0_u64).0);
+    let log = Arc::new(Mutex::new(ChangeLog::default()));
     let notifier = sender.clone();
+    let changes = Arc::clone(&log);
+    let root_path = key.clone();
     let handler = move |event: notify::Result<notify::Event>| {
-        // Opening or closing files (our own scans open the directory) changes nothing.
-        if matches!(&event, Ok(event) if matches!(event.kind, notify::EventKind::Access(_))) {
-            return;
+        let changed: Vec<Option<String>> = match &event {
+            // Opening or closing files (our own scans open the directory) changes nothing.
+            Ok(event) if matches!(event.kind, notify::EventKind::Access(_)) => return,
+            // Events were lost (the kernel's queue overflowed): everything may have changed.
+            Ok(event) if event.need_rescan() || event.paths.is_empty() => vec![None],
+            Ok(event) => event.paths.iter().map(|path| changed_dir(&root_path, path)).collect(),
+            Err(_) => vec![None],
+        };
+        {
+            let mut log = lock(&changes);
+            for change in changed {
+                log.push(change);
+            }
         }
         notifier.send_modify(|generation| *generation = generation.wrapping_add(1));
     };
@@ -592,7 +843,7 @@ fn dir_signal(root: &Path) -> Option<Arc<DirSignal>> {
     });
     match watcher {
         Ok(watcher) => {
-            let signal = Arc::new(DirSignal { _watcher: watcher, sender });
+            let signal = Arc::new(DirSignal { _watcher: watcher, sender, log });
             signals.insert(key, Arc::downgrade(&signal));
             Some(signal)
         }
@@ -609,6 +860,14 @@ fn remove_dir_if_empty(dir: Option<&Path>) {
     if let Some(dir) = dir {
         let _ = fs::remove_dir(dir);
     }
+}
+
+/// The longest file name (bytes) that Linux file systems take.
+const MAX_FILE_NAME: usize = 255;
+
+/// The name of `path`'s parent directory (a service directory, for a lease file).
+fn parent_name(path: &Path) -> Option<&str> {
+    path.parent()?.file_name()?.to_str()
 }
 
 fn is_lease_file_name(name: &std::ffi::OsStr) -> bool {
@@ -840,6 +1099,76 @@ mod tests {
         assert!(dir.join("fresh").is_dir());
         assert!(dir.join("s").is_dir());
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn watchers_see_changes_in_directories_they_found_unchanged() {
+        // Both ways of rescanning: after inotify, only the directories a change names; when
+        // polling, every directory, skipping those whose stamp is as it was.
+        for polling in [false, true] {
+            let dir = temp_dir("stamps");
+            let mut registry = LocalRegistry::with_dir(&dir).unwrap();
+            if polling {
+                registry = registry.poll_only(Duration::from_millis(20));
+            }
+            let mut watcher = registry.watch(None).await.unwrap();
+            let (a, b) = (service("a", "v", "n"), service("b", "v", "n"));
+            registry.register(&a, Duration::ZERO).await.unwrap();
+            registry.register(&b, Duration::from_secs(60)).await.unwrap();
+            assert_eq!(next_event(&mut watcher).await.action, Action::Create);
+            assert_eq!(next_event(&mut watcher).await.action, Action::Create);
+            // Past DIR_STAMP_SETTLED, rescans take both directories as they were while their
+            // stamps stay the same.
+            tokio::time::sleep(DIR_STAMP_SETTLED + Duration::from_millis(300)).await;
+            registry.register(&b, Duration::from_secs(60)).await.unwrap();
+            let event = next_event(&mut watcher).await;
+            assert_eq!((event.action, event.service.name.as_str()), (Action::Update, "b"), "polling: {polling}");
+            registry.deregister(&a).await.unwrap();
+            let event = next_event(&mut watcher).await;
+            assert_eq!((event.action, event.service.name.as_str()), (Action::Delete, "a"), "polling: {polling}");
+            let quiet = tokio::time::timeout(Duration::from_millis(300), watcher.next()).await;
+            assert!(quiet.is_err(), "nothing else changed, polling: {polling}: {quiet:?}");
+            fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_change_is_placed_in_its_service_directory() {
+        let root = Path::new("/registry");
+        let layout = Layout { root: Arc::new(root.to_path_buf()) };
+        let temp = layout.temp_path("tmp", Some("go.micro.http.broker-t%2Fx"));
+        assert_eq!(changed_dir(root, &temp).as_deref(), Some("go.micro.http.broker-t%2Fx"));
+        assert_eq!(changed_dir(root, &root.join("svc")).as_deref(), Some("svc"));
+        // Unknown: the root itself, a path below a service directory, a temporary name without
+        // its directory (one that did not fit, or an older version's).
+        assert_eq!(changed_dir(root, root), None);
+        assert_eq!(changed_dir(root, &root.join("svc").join("n.json")), None);
+        assert_eq!(changed_dir(root, &layout.temp_path("del", None)), None);
+        assert_eq!(changed_dir(root, &root.join(".tmp-1-2-3")), None);
+        let temp = layout.temp_path("gc", Some(&"x".repeat(240)));
+        assert!(temp.file_name().unwrap().len() <= MAX_FILE_NAME);
+        assert_eq!(changed_dir(root, &temp), None);
+    }
+
+    #[test]
+    fn the_change_log_names_what_changed_or_says_it_cannot() {
+        let names = |names: &[&str]| Some(names.iter().map(|name| name.to_string()).collect::<BTreeSet<_>>());
+        let mut log = ChangeLog::default();
+        let mut seen = log.end();
+        for name in ["a", "b", "a"] {
+            log.push(Some(name.into()));
+        }
+        assert_eq!(log.since(&mut seen), names(&["a", "b"]));
+        assert_eq!(log.since(&mut seen), names(&[]));
+        log.push(None);
+        assert_eq!(log.since(&mut seen), None, "a change that was not placed");
+        assert_eq!(log.since(&mut seen), names(&[]));
+        let mut lagging = log.end();
+        for _ in 0..=ChangeLog::CAPACITY {
+            log.push(Some("c".into()));
+        }
+        assert_eq!(log.since(&mut lagging), None, "a watcher that fell behind the log");
+        assert_eq!(log.since(&mut lagging), names(&[]));
     }
 
     #[tokio::test]
