@@ -430,15 +430,7 @@ impl Layout {
     fn scan(&self, dir_filter: Option<&str>, previous: &Snapshot, now: u64) -> Result<Snapshot> {
         let mut dirs = Vec::new();
         match dir_filter {
-            Some(dir_name) => {
-                let dir = self.root.join(dir_name);
-                match fs::symlink_metadata(&dir) {
-                    Ok(meta) if meta.is_dir() => dirs.push((dir_name.to_owned(), meta)),
-                    Ok(_) => {}
-                    Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => {}
-                    Err(e) => return Err(io_error("list", &dir, e)),
-                }
-            }
+            Some(dir_name) => dirs.extend(self.stat_dir(dir_name)?.map(|meta| (dir_name.to_owned(), meta))),
             None => {
                 let root = self.root.as_path();
                 for entry in fs::read_dir(root).map_err(|e| io_error("list", root, e))? {
@@ -486,13 +478,7 @@ impl Layout {
         fs::symlink_metadata(root).map_err(|e| io_error("list", root, e))?;
         let mut events = Vec::new();
         for dir_name in dir_names.iter().filter(|name| dir_filter.is_none_or(|only| only == name.as_str())) {
-            let dir = self.root.join(dir_name);
-            let meta = match fs::symlink_metadata(&dir) {
-                Ok(meta) if meta.is_dir() => Some(meta),
-                Ok(_) => None,
-                Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => None,
-                Err(e) => return Err(io_error("list", &dir, e)),
-            };
+            let meta = self.stat_dir(dir_name)?;
             let known = snapshot.remove(dir_name);
             let mut state = match meta {
                 Some(meta) => self.list(dir_name, &meta, known.as_deref(), now)?,
@@ -506,6 +492,16 @@ impl Layout {
         Ok(events)
     }
 
+    /// Service directory `dir_name` as stat'ed now; `None` when it is gone or no directory.
+    fn stat_dir(&self, dir_name: &str) -> Result<Option<fs::Metadata>> {
+        let dir = self.root.join(dir_name);
+        match fs::symlink_metadata(&dir) {
+            Ok(meta) => Ok(meta.is_dir().then_some(meta)),
+            Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => Ok(None),
+            Err(e) => Err(io_error("list", &dir, e)),
+        }
+    }
+
     /// A service directory's state, listed now: `None` when it holds no live lease.
     fn list(
         &self,
@@ -514,7 +510,7 @@ impl Layout {
         known: Option<&DirState>,
         now: u64,
     ) -> Result<Option<DirState>> {
-        let settled = meta.modified().ok().and_then(|at| at.elapsed().ok()).is_some_and(|age| age >= DIR_STAMP_SETTLED);
+        let settled = older_than(meta, DIR_STAMP_SETTLED);
         let files = self.list_dir(dir_name, known.map(|known| &known.files), now)?;
         Ok((!files.is_empty()).then(|| DirState { stamp: settled.then(|| FileIdent::of(meta)), listed_ms: now, files }))
     }
@@ -581,11 +577,12 @@ impl Layout {
 
 /// Whether `path` was last modified more than `age` ago (false when that cannot be told).
 fn modified_before(path: &Path, age: Duration) -> bool {
-    fs::symlink_metadata(path)
-        .and_then(|meta| meta.modified())
-        .ok()
-        .and_then(|modified| modified.elapsed().ok())
-        .is_some_and(|elapsed| elapsed > age)
+    fs::symlink_metadata(path).is_ok_and(|meta| older_than(&meta, age))
+}
+
+/// Whether what `meta` describes was last modified more than `age` ago.
+fn older_than(meta: &fs::Metadata, age: Duration) -> bool {
+    meta.modified().ok().and_then(|modified| modified.elapsed().ok()).is_some_and(|elapsed| elapsed > age)
 }
 
 /// The events that turn the watcher's `previous` view into `next`, marking what `next` reports.
