@@ -53,17 +53,31 @@ pub(crate) fn split_nodes(service: &Service) -> impl Iterator<Item = Service> + 
 /// Groups one-node entries (or any services of one name) into one [`Service`] per version, the
 /// versions sorted and the nodes of each sorted by id, so that results are deterministic.
 pub(crate) fn group_by_version(entries: impl IntoIterator<Item = Service>) -> Vec<Service> {
-    let mut versions: BTreeMap<String, Service> = BTreeMap::new();
+    // Usually every entry has one version: that one is gathered without a map (a map's first
+    // insert allocates a node, on every lookup and every watch event).
+    let mut entries = entries.into_iter();
+    let Some(mut first) = entries.next() else { return Vec::new() };
+    let mut others: BTreeMap<String, Service> = BTreeMap::new();
     for entry in entries {
-        match versions.get_mut(&entry.version) {
+        if entry.version == first.version {
+            first.nodes.extend(entry.nodes);
+            continue;
+        }
+        match others.get_mut(&entry.version) {
             Some(service) => service.nodes.extend(entry.nodes),
             None => {
-                versions.insert(entry.version.clone(), entry);
+                others.insert(entry.version.clone(), entry);
             }
         }
     }
+    let versions: Vec<Service> = if others.is_empty() {
+        vec![first]
+    } else {
+        others.insert(first.version.clone(), first);
+        others.into_values().collect()
+    };
     versions
-        .into_values()
+        .into_iter()
         .filter_map(|mut service| {
             service.nodes.sort_by(|a, b| a.id.cmp(&b.id));
             service.nodes.dedup_by(|a, b| a.id == b.id);
@@ -132,6 +146,12 @@ mod tests {
         let ids: Vec<_> = grouped[1].nodes.iter().map(|n| n.id.as_str()).collect();
         assert_eq!(ids, ["a", "b"]);
         assert!(group_by_version([Service::new("s", "v")]).is_empty());
+        // One version (the usual case): its nodes sorted, a repeated id kept once.
+        let node = |id: &str| Service::new("s", "v").with_node(Node::new(id, "h:1"));
+        let grouped = group_by_version([node("b"), node("a"), node("b")]);
+        assert_eq!(grouped.len(), 1);
+        let ids: Vec<_> = grouped[0].nodes.iter().map(|n| n.id.as_str()).collect();
+        assert_eq!(ids, ["a", "b"]);
     }
 
     #[test]
