@@ -61,6 +61,8 @@ struct NodeTarget {
     prefix: String,
     /// The URI of a first attempt, parsed.
     first: Uri,
+    /// The `Host` header (the client would otherwise format one per request).
+    host: HeaderValue,
 }
 
 impl HttpTransport {
@@ -101,7 +103,9 @@ impl HttpTransport {
         let first = Uri::try_from(format!("{prefix}1")).map_err(|error| {
             format!("node {} has an address that makes no URI ({:?}): {error}", node.id, node.address)
         })?;
-        let target = Arc::new(NodeTarget { address: node.address.clone(), secure, prefix, first });
+        let host = host_header(&first)
+            .ok_or_else(|| format!("node {} has an address with no host name ({:?})", node.id, node.address))?;
+        let target = Arc::new(NodeTarget { address: node.address.clone(), secure, prefix, first, host });
         if targets.len() >= MAX_CACHED_TARGETS {
             let mut keep = false;
             targets.retain(|_, _| {
@@ -135,6 +139,7 @@ impl HttpTransport {
         let mut request = Request::builder()
             .method(Method::POST)
             .uri(uri)
+            .header(http::header::HOST, target.host.clone())
             .header(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let Some(secret) = &self.secret {
             request = request.header(SECRET_HEADER, secret.clone());
@@ -196,6 +201,17 @@ impl Transport for HttpTransport {
     }
 }
 
+/// The `Host` header hyper-util's client would write for `uri`: the host, and the port unless it
+/// is the scheme's default.
+fn host_header(uri: &Uri) -> Option<HeaderValue> {
+    let host = uri.host()?;
+    let default_port = if uri.scheme_str() == Some("https") { 443 } else { 80 };
+    match uri.port_u16() {
+        Some(port) if port != default_port => HeaderValue::from_str(&format!("{host}:{port}")).ok(),
+        _ => HeaderValue::from_str(host).ok(),
+    }
+}
+
 fn classify(status: StatusCode, detail: String) -> Outcome {
     if status.is_success() {
         // No text to build for the usual answer.
@@ -220,6 +236,16 @@ mod tests {
         let Err(error) = HttpTransport::new(config) else { panic!("a secret with a newline was accepted") };
         assert_eq!(error.kind(), broker_core::ErrorKind::InvalidInput);
         assert!(error.to_string().contains("secret"), "{error}");
+    }
+
+    #[test]
+    fn the_host_header_is_the_clients_own() {
+        let host = |uri: &str| host_header(&Uri::try_from(uri).unwrap()).map(|h| h.to_str().unwrap().to_owned());
+        assert_eq!(host("http://127.0.0.1:8080/_sub?id=a").as_deref(), Some("127.0.0.1:8080"));
+        assert_eq!(host("http://node.local:80/").as_deref(), Some("node.local"));
+        assert_eq!(host("https://node.local:443/").as_deref(), Some("node.local"));
+        assert_eq!(host("https://node.local:80/").as_deref(), Some("node.local:80"));
+        assert_eq!(host("http://[::1]:9000/").as_deref(), Some("[::1]:9000"));
     }
 
     #[test]
