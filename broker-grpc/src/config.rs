@@ -27,7 +27,7 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("inbox_max_messages", "messages waiting per topic (default 10000)"),
     ("inbox_max_bytes", "bytes waiting per topic (default 67108864)"),
     ("inbox_total_bytes", "bytes waiting over all topics (default 268435456)"),
-    ("inbox_overflow", "reject | drop_oldest (default reject)"),
+    ("inbox_overflow", "reject | drop_oldest | wait (default reject; wait: up to the publish timeout)"),
     ("register_ttl_ms", "registry TTL of a subscription (default 60000)"),
     ("register_interval_ms", "re-registration period (default 30000)"),
 ];
@@ -148,11 +148,8 @@ impl GrpcConfig {
                 "inbox_max_bytes" => outbox.inbox_max_bytes = positive(key, value)?,
                 "inbox_total_bytes" => outbox.inbox_total_bytes = positive(key, value)?,
                 "inbox_overflow" => {
-                    outbox.inbox_overflow = match value {
-                        "reject" => OverflowPolicy::Reject,
-                        "drop_oldest" => OverflowPolicy::DropOldest,
-                        _ => return Err(bad_value(key, value, "reject or drop_oldest")),
-                    }
+                    outbox.inbox_overflow =
+                        OverflowPolicy::parse(value).ok_or_else(|| bad_value(key, value, OverflowPolicy::VALUES))?
                 }
                 "register_ttl_ms" => config.register_ttl = Duration::from_millis(positive(key, value)?),
                 "register_interval_ms" => config.register_interval = Duration::from_millis(positive(key, value)?),

@@ -178,6 +178,8 @@ struct Running {
     heartbeat_stop: CancellationToken,
     handlers: TaskTracker,
     drain_timeout: Duration,
+    /// How long a publish may wait for room in a full inbox (policy `wait`).
+    publish_timeout: Duration,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -242,8 +244,7 @@ impl GrpcBroker {
     ) -> Result<DeliveryReport> {
         let running = self.connected()?;
         let message = prepare(&running.config, topic, message, options)?;
-        let timeout = self.inner.options().publish_timeout;
-        running.outbox.publish_confirmed(topic, &message, timeout).await
+        running.outbox.publish_confirmed(topic, &message, running.publish_timeout).await
     }
 
     fn current(&self) -> Option<Arc<Running>> {
@@ -389,6 +390,7 @@ impl Broker for GrpcBroker {
             heartbeat_stop: CancellationToken::new(),
             handlers: TaskTracker::new(),
             drain_timeout: options.drain_timeout,
+            publish_timeout: options.publish_timeout,
         });
         let task = tokio::spawn(server::serve(
             listener,
@@ -445,7 +447,7 @@ impl Broker for GrpcBroker {
     async fn publish(&self, topic: &str, message: Message, options: PublishOptions) -> Result<()> {
         let running = self.connected()?;
         let message = prepare(&running.config, topic, message, options)?;
-        running.outbox.publish(topic, &message)
+        running.outbox.publish(topic, &message, running.publish_timeout).await
     }
 
     async fn subscribe(

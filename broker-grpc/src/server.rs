@@ -146,7 +146,7 @@ async fn publish(running: Weak<Running>, request: Request<proto::Message>) -> st
     let mut failures = Vec::new();
     let mut handled = 0;
     for subscription in &subscriptions {
-        let dead_letter = |dlq: &str, message: &Message| running.outbox.publish(dlq, message);
+        let dead_letter = |dlq: &str, message: &Message| running.outbox.try_publish(dlq, message);
         match subscription.deliver(&running.handlers, delivered.clone(), attempt, &dead_letter).await {
             Delivery::Handled => handled += 1,
             Delivery::Failed(reason) => failures.push(reason),

@@ -147,6 +147,8 @@ struct Running {
     heartbeat_stop: CancellationToken,
     handlers: TaskTracker,
     drain_timeout: Duration,
+    /// How long a publish may wait for room in a full inbox (policy `wait`).
+    publish_timeout: Duration,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -212,8 +214,7 @@ impl HttpBroker {
     ) -> Result<DeliveryReport> {
         let running = self.connected()?;
         let message = prepare(topic, message, options)?;
-        let timeout = self.inner.options().publish_timeout;
-        running.outbox.publish_confirmed(topic, &message, timeout).await
+        running.outbox.publish_confirmed(topic, &message, running.publish_timeout).await
     }
 
     fn current(&self) -> Option<Arc<Running>> {
@@ -369,6 +370,7 @@ impl Broker for HttpBroker {
             heartbeat_stop: CancellationToken::new(),
             handlers: TaskTracker::new(),
             drain_timeout: options.drain_timeout,
+            publish_timeout: options.publish_timeout,
         });
         let task =
             tokio::spawn(server::serve(listener, acceptor, Arc::downgrade(&running), running.server_stop.clone()));
@@ -420,7 +422,7 @@ impl Broker for HttpBroker {
     async fn publish(&self, topic: &str, message: Message, options: PublishOptions) -> Result<()> {
         let running = self.connected()?;
         let message = prepare(topic, message, options)?;
-        running.outbox.publish(topic, &message)
+        running.outbox.publish(topic, &message, running.publish_timeout).await
     }
 
     async fn subscribe(

@@ -126,7 +126,7 @@ pub(crate) async fn handle(running: Weak<Running>, request: Request<Incoming>) -
     let mut handled = 0;
     let mut subscriptions = subscriptions.into_iter().peekable();
     while let Some(subscription) = subscriptions.next() {
-        let dead_letter = |dlq: &str, message: &broker_core::Message| running.outbox.publish(dlq, message);
+        let dead_letter = |dlq: &str, message: &broker_core::Message| running.outbox.try_publish(dlq, message);
         // The last (usually the only) subscription takes the message itself.
         let message =
             if subscriptions.peek().is_some() { decoded.message.clone() } else { std::mem::take(&mut decoded.message) };

@@ -226,6 +226,57 @@ async fn fix2_inbox_is_bounded_with_reject_or_drop_oldest() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fix2_inbox_policy_wait_holds_the_publisher_until_there_is_room() {
+    let registry = registry();
+    let wait = [("inbox_max_messages", "5"), ("inbox_max_bytes", "100000"), ("inbox_overflow", "wait")];
+    // Nobody takes the messages: the 6th publish waits out its publish timeout, then fails with
+    // Timeout naming the inbox; nothing was dropped.
+    let options = BrokerOptions::new().with_publish_timeout(Duration::from_millis(200));
+    let options = wait.iter().fold(options, |o, (k, v)| o.with_param(*k, *v));
+    let short = HttpBroker::with_registry(options, Arc::clone(&registry)).unwrap();
+    short.connect().await.unwrap();
+    let topic = unique("waiting-out");
+    for i in 0..5 {
+        short.publish(&topic, Message::new(format!("{i}")), PublishOptions::new()).await.unwrap();
+    }
+    let err = short.publish(&topic, Message::new("6th"), PublishOptions::new()).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+    assert!(err.to_string().contains("publish timeout") && err.to_string().contains(&topic), "{err}");
+    assert_eq!(short.stats().inbox_dropped, 0);
+    // A message that can never fit is refused at once, as under `reject`.
+    let huge = short.publish(&topic, Message::new(vec![0u8; 200_000]), PublishOptions::new()).await.unwrap_err();
+    assert_eq!(huge.kind(), ErrorKind::Overflow, "{huge}");
+
+    // With the default publish timeout: a publish waits until a subscriber takes messages, and a
+    // publish dropped while it waits leaves nothing behind.
+    let publisher = Arc::new(broker_with(&registry, &wait).await);
+    let subscriber = broker_with(&registry, &[]).await;
+    let topic = unique("waiting");
+    for i in 0..5 {
+        publisher.publish(&topic, Message::new(format!("{i}")), PublishOptions::new()).await.unwrap();
+    }
+    let cancelled = publisher.publish(&topic, Message::new("cancelled"), PublishOptions::new());
+    assert!(tokio::time::timeout(Duration::from_millis(100), cancelled).await.is_err(), "it waited for room");
+    let waiting = tokio::spawn({
+        let (publisher, topic) = (Arc::clone(&publisher), topic.clone());
+        async move { publisher.publish(&topic, Message::new("waited"), PublishOptions::new()).await }
+    });
+    let (_sub, mut rx) = collect(&subscriber, &topic, SubscribeOptions::new()).await;
+    waiting.await.unwrap().expect("room was made once the subscriber took messages");
+    let mut got = Vec::new();
+    for _ in 0..6 {
+        got.push(recv(&mut rx).await);
+    }
+    got.sort();
+    assert_eq!(got, vec!["0", "1", "2", "3", "4", "waited"]);
+    publisher.disconnect().await.unwrap();
+    assert!(rx.try_recv().is_err(), "the cancelled publish was not delivered");
+    assert_eq!(publisher.stats().inbox_dropped, 0);
+    subscriber.disconnect().await.unwrap();
+    short.disconnect().await.unwrap();
+}
+
 /// A fake subscriber node: answers each POST with the next status of `statuses` (then 200),
 /// after `delay`; counts requests and the most that were open at once.
 struct FakeNode {

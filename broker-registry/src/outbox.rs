@@ -37,6 +37,30 @@ pub enum OverflowPolicy {
     Reject,
     /// Drop the oldest waiting message of that topic, counting it, to make room.
     DropOldest,
+    /// Wait for room (backpressure, as the memory backend does), up to the publish's timeout,
+    /// then fail with [`ErrorKind::Timeout`]. A dead letter, which cannot wait, is rejected.
+    Wait,
+}
+
+impl OverflowPolicy {
+    /// What [`OverflowPolicy::parse`] accepts, for error messages.
+    pub const VALUES: &'static str = "reject, drop_oldest or wait";
+
+    /// The policy a parameter value names: `reject`, `drop_oldest` or `wait`.
+    ///
+    /// ```
+    /// use broker_registry::outbox::OverflowPolicy;
+    /// assert_eq!(OverflowPolicy::parse("wait"), Some(OverflowPolicy::Wait));
+    /// assert_eq!(OverflowPolicy::parse("block"), None);
+    /// ```
+    pub fn parse(value: &str) -> Option<OverflowPolicy> {
+        match value {
+            "reject" => Some(OverflowPolicy::Reject),
+            "drop_oldest" => Some(OverflowPolicy::DropOldest),
+            "wait" => Some(OverflowPolicy::Wait),
+            _ => None,
+        }
+    }
 }
 
 /// The inbox bounds and delivery limits of an [`Outbox`].
@@ -281,9 +305,35 @@ pub struct Outbox<T: Transport> {
     in_flight: Arc<Semaphore>,
     deliveries: TaskTracker,
     state: Mutex<InboxState>,
+    /// Woken when messages leave an inbox, for publishers waiting for room (policy `wait`);
+    /// `room_waiters` counts them, so that a dispatch round with nobody waiting skips the wake.
+    room: Notify,
+    room_waiters: AtomicUsize,
     draining: AtomicBool,
     stop: CancellationToken,
     this: Weak<Outbox<T>>,
+}
+
+/// Whether a message went into its inbox, or is handed back because the inbox is full.
+enum Admission {
+    Queued,
+    Full(Pending),
+}
+
+/// Counts a publisher waiting for room while it exists (a dropped publish stops counting).
+struct RoomWaiter<'a>(&'a AtomicUsize);
+
+impl<'a> RoomWaiter<'a> {
+    fn new(waiters: &'a AtomicUsize) -> RoomWaiter<'a> {
+        waiters.fetch_add(1, Ordering::SeqCst);
+        RoomWaiter(waiters)
+    }
+}
+
+impl Drop for RoomWaiter<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl<T: Transport> std::fmt::Debug for Outbox<T> {
@@ -308,6 +358,8 @@ impl<T: Transport> Outbox<T> {
             counters,
             deliveries: TaskTracker::new(),
             state: Mutex::new(InboxState::default()),
+            room: Notify::new(),
+            room_waiters: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             stop: CancellationToken::new(),
             this: this.clone(),
@@ -319,29 +371,113 @@ impl<T: Transport> Outbox<T> {
         &self.transport
     }
 
-    /// Puts a new message in the topic's inbox.
-    pub fn publish(&self, topic: &str, message: &Message) -> Result<()> {
+    /// Puts a new message in the topic's inbox. When the inbox is full, policy `wait` waits for
+    /// room up to `timeout`; the others decide at once (see [`OverflowPolicy`]).
+    pub async fn publish(&self, topic: &str, message: &Message, timeout: Duration) -> Result<()> {
+        let body = self.transport.encode(topic, message);
+        self.enqueue_waiting(topic, Pending::new(body, None), timeout).await
+    }
+
+    /// Puts a new message in the topic's inbox without waiting: a full inbox under policy `wait`
+    /// rejects it (for a dead letter, handed over from inside a delivery).
+    pub fn try_publish(&self, topic: &str, message: &Message) -> Result<()> {
         let body = self.transport.encode(topic, message);
         self.enqueue(topic, Pending::new(body, None), true)
     }
 
-    /// Publishes and waits (up to `timeout`) for the outcome of the first delivery round.
+    /// Publishes and waits (up to `timeout`, room in the inbox included) for the outcome of the
+    /// first delivery round.
     pub async fn publish_confirmed(&self, topic: &str, message: &Message, timeout: Duration) -> Result<DeliveryReport> {
+        let deadline = Instant::now() + timeout;
         let body = self.transport.encode(topic, message);
         let report = Report::new();
-        self.enqueue(topic, Pending::new(body, Some(Arc::clone(&report))), true)?;
-        let _ = tokio::time::timeout(timeout, report.wait()).await;
+        self.enqueue_waiting(topic, Pending::new(body, Some(Arc::clone(&report))), timeout).await?;
+        let _ = tokio::time::timeout_at(deadline, report.wait()).await;
         Ok(report.snapshot())
     }
 
+    /// [`Outbox::enqueue`] of a new publish that, under policy `wait`, waits for room up to
+    /// `timeout`. Cancel-safe: a publish dropped while it waits has put nothing in the inbox.
+    async fn enqueue_waiting(&self, topic: &str, pending: Pending, timeout: Duration) -> Result<()> {
+        let never_fits = pending.body.len() > self.config.inbox_max_bytes.min(self.config.inbox_total_bytes);
+        if self.config.inbox_overflow != OverflowPolicy::Wait || never_fits {
+            return self.enqueue(topic, pending, true);
+        }
+        let mut pending = match self.admit(topic, pending) {
+            Admission::Queued => return Ok(()),
+            Admission::Full(pending) => pending,
+        };
+        let deadline = Instant::now() + timeout;
+        let _waiter = RoomWaiter::new(&self.room_waiters);
+        loop {
+            // Armed before the inbox is looked at again, so that room made in between wakes it.
+            let room = self.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            pending = match self.admit(topic, pending) {
+                Admission::Queued => return Ok(()),
+                Admission::Full(pending) => pending,
+            };
+            tokio::select! {
+                _ = self.stop.cancelled() => {
+                    return Err(Error::new(ErrorKind::NotConnected, format!(
+                        "the broker disconnected while a publish to topic {topic:?} waited for room in its inbox"
+                    )));
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    let why = self.full_reason(topic);
+                    return Err(Error::new(ErrorKind::Timeout, format!(
+                        "waited {timeout:?} (the publish timeout) for room, and {why} (policy wait)"
+                    )));
+                }
+                _ = &mut room => {}
+            }
+        }
+    }
+
     /// Adds to a topic's inbox within its bounds. A new publish that does not fit is rejected
-    /// (policy `reject`); a retry that does not fit is dropped and counted.
+    /// (policies `reject` and `wait`); a retry that does not fit is dropped and counted.
     fn enqueue(&self, topic: &str, pending: Pending, fresh: bool) -> Result<()> {
+        match self.admit(topic, pending) {
+            Admission::Queued => Ok(()),
+            Admission::Full(pending) => {
+                let why = self.full_reason(topic);
+                if fresh {
+                    return Err(Error::new(ErrorKind::Overflow, why));
+                }
+                self.count_inbox_drops(topic, 1);
+                pending.give_up(topic, &why);
+                tracing::warn!(topic, backend = self.transport.backend(), "{why}; a retry was dropped");
+                Ok(())
+            }
+        }
+    }
+
+    /// Why a message does not fit in the inbox of `topic`, with its fill and the limits (built
+    /// only once the message is refused: the text costs more than the rest of a publish).
+    fn full_reason(&self, topic: &str) -> String {
+        let config = &self.config;
+        let state = lock(&self.state);
+        let (messages, bytes) = state.topics.get(topic).map_or((0, 0), |inbox| (inbox.entries.len(), inbox.bytes));
+        format!(
+            "the inbox of topic {topic:?} is full ({messages} messages, {bytes} bytes; {} bytes over all topics; \
+             limits {} / {} / {}): subscribers do not take messages as fast as they are published",
+            state.total_bytes, config.inbox_max_messages, config.inbox_max_bytes, config.inbox_total_bytes
+        )
+    }
+
+    /// Puts `pending` in the topic's inbox if it fits (after dropping the oldest, under policy
+    /// `drop_oldest`), and starts the topic's dispatcher if none runs; hands it back if not.
+    fn admit(&self, topic: &str, pending: Pending) -> Admission {
         let config = &self.config;
         let size = pending.body.len();
         let mut state = lock(&self.state);
         let InboxState { topics, total_bytes } = &mut *state;
-        let inbox = topics.entry(topic.to_string()).or_default();
+        // Looked up before an owned key is made: usually the inbox exists.
+        if !topics.contains_key(topic) {
+            topics.insert(topic.to_string(), TopicInbox::default());
+        }
+        let Some(inbox) = topics.get_mut(topic) else { return Admission::Full(pending) };
         loop {
             let fits = inbox.entries.len() < config.inbox_max_messages
                 && inbox.bytes + size <= config.inbox_max_bytes
@@ -351,7 +487,7 @@ impl<T: Transport> Outbox<T> {
             }
             let evicted = match config.inbox_overflow {
                 OverflowPolicy::DropOldest => inbox.entries.pop_front(),
-                OverflowPolicy::Reject => None,
+                OverflowPolicy::Reject | OverflowPolicy::Wait => None,
             };
             match evicted {
                 Some(old) => {
@@ -362,26 +498,10 @@ impl<T: Transport> Outbox<T> {
                     tracing::warn!(topic, backend = self.transport.backend(), "inbox full, dropped the oldest message");
                 }
                 None => {
-                    let why = format!(
-                        "the inbox of topic {topic:?} is full ({} messages, {} bytes; {} bytes over all topics; limits {} / {} / {}): \
-                         subscribers do not take messages as fast as they are published",
-                        inbox.entries.len(),
-                        inbox.bytes,
-                        total_bytes,
-                        config.inbox_max_messages,
-                        config.inbox_max_bytes,
-                        config.inbox_total_bytes
-                    );
                     if inbox.entries.is_empty() && !inbox.dispatching {
                         topics.remove(topic);
                     }
-                    if fresh {
-                        return Err(Error::new(ErrorKind::Overflow, why));
-                    }
-                    self.count_inbox_drops(topic, 1);
-                    pending.give_up(topic, &why);
-                    tracing::warn!(topic, backend = self.transport.backend(), "{why}; a retry was dropped");
-                    return Ok(());
+                    return Admission::Full(pending);
                 }
             }
         }
@@ -394,7 +514,7 @@ impl<T: Transport> Outbox<T> {
             inbox.dispatching = true;
             tokio::spawn(this.dispatch(Arc::from(topic), Arc::clone(&inbox.wake)));
         }
-        Ok(())
+        Admission::Queued
     }
 
     /// The topic's dispatcher: runs while its inbox has messages, and [`DISPATCHER_LINGER`] after.
@@ -409,6 +529,9 @@ impl<T: Transport> Outbox<T> {
             let versions = self.lookup(&service_name, &topic).await;
             let (ready, next_due, finished) = self.take_ready(&topic, &versions);
             let had_work = !ready.is_empty();
+            if had_work && self.room_waiters.load(Ordering::SeqCst) > 0 {
+                self.room.notify_waiters();
+            }
             for (pending, version) in ready {
                 self.start_delivery(&topic, &service_name, pending, version).await;
             }
