@@ -32,18 +32,25 @@ fn fnv(text: &str) -> u64 {
     text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, b| (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
+/// The first segment of `topic`: its stream's subjects are `<segment>` and `<segment>.>`.
+fn first_segment(topic: &str) -> &str {
+    topic.split('.').next().unwrap_or(topic)
+}
+
 /// The stream of `topic` and its first segment.
 pub(crate) fn stream_of(prefix: &str, topic: &str) -> (String, String) {
-    let segment = topic.split('.').next().unwrap_or(topic).to_string();
+    let segment = first_segment(topic).to_string();
     (format!("{prefix}{}", sanitize(&segment)), segment)
 }
 
 /// Creates the stream of `topic` if it does not exist yet; returns its name.
-pub(crate) async fn ensure_stream(running: &Running, topic: &str) -> Result<String> {
-    let (name, segment) = stream_of(&running.config.stream_prefix, topic);
-    if lock(&running.streams).contains(&name) {
-        return Ok(name);
+pub(crate) async fn ensure_stream(running: &Running, topic: &str) -> Result<Arc<str>> {
+    // Known streams by first segment: a publish finds its stream without building its name
+    // (sanitizing and formatting it cost more than the rest of preparing the publish).
+    if let Some(name) = lock(&running.streams).get(first_segment(topic)) {
+        return Ok(Arc::clone(name));
     }
+    let (name, segment) = stream_of(&running.config.stream_prefix, topic);
     let js = context(running)?;
     let config = stream::Config {
         name: name.clone(),
@@ -70,22 +77,29 @@ pub(crate) async fn ensure_stream(running: &Running, topic: &str) -> Result<Stri
             }
         }
     }
-    lock(&running.streams).insert(name.clone());
+    let name: Arc<str> = Arc::from(name);
+    lock(&running.streams).insert(segment, Arc::clone(&name));
     Ok(name)
 }
 
-/// Publishes and waits for the stream's acknowledgement.
-pub(crate) async fn publish(running: &Running, topic: &str, out: Outgoing) -> Result<()> {
+/// Publishes to `subject` (the subject of `topic`) and waits for the stream's acknowledgement.
+pub(crate) async fn publish(running: &Running, subject: async_nats::Subject, topic: &str, out: Outgoing) -> Result<()> {
     ensure_stream(running, topic).await?;
     let js = context(running)?;
-    send(js, topic, out, running.options.publish_timeout).await
+    send(js, subject, topic, out, running.options.publish_timeout).await
 }
 
-async fn send(js: &async_nats::jetstream::Context, topic: &str, out: Outgoing, timeout: Duration) -> Result<()> {
+async fn send(
+    js: &async_nats::jetstream::Context,
+    subject: async_nats::Subject,
+    topic: &str,
+    out: Outgoing,
+    timeout: Duration,
+) -> Result<()> {
     tokio::time::timeout(timeout, async {
         let ack = match out.headers {
-            Some(headers) => js.publish_with_headers(topic.to_string(), headers, out.payload).await,
-            None => js.publish(topic.to_string(), out.payload).await,
+            Some(headers) => js.publish_with_headers(subject, headers, out.payload).await,
+            None => js.publish(subject, out.payload).await,
         }
         .map_err(|e| error::jetstream_publish(e, topic))?;
         ack.await.map_err(|e| error::jetstream_publish(e, topic))?;
@@ -136,7 +150,7 @@ pub(crate) async fn subscribe(
                     .map_err(|_| error::timeout(&format!("creating a JetStream consumer for {topic:?}"), timeout))?
                     .map_err(|e| error::backend(&format!("creating a JetStream consumer for {topic:?}"), e))?;
             let name = consumer.cached_info().name.clone();
-            *lock(&state.ephemeral) = Some((stream_name.clone(), name));
+            *lock(&state.ephemeral) = Some((stream_name.to_string(), name));
             let _ = &mut consumer;
             consumer
         }
@@ -147,7 +161,12 @@ pub(crate) async fn subscribe(
         handler,
         options.clone(),
         topic.into(),
-        Shared { js: js.clone(), envelope: running.config.envelope, counters: Arc::clone(&running.counters), timeout },
+        Arc::new(Shared {
+            js: js.clone(),
+            envelope: running.config.envelope,
+            counters: Arc::clone(&running.counters),
+            timeout,
+        }),
         running.config.ack_wait,
     );
     state.pump.spawn(pump);
@@ -261,7 +280,7 @@ async fn pump(
     handler: Arc<dyn Handler>,
     options: SubscribeOptions,
     topic: Arc<str>,
-    shared: Shared,
+    shared: Arc<Shared>,
     ack_wait: Duration,
 ) {
     // Concurrency 1 runs each handler inline (see `SubState::dispatch`): nothing to limit.
@@ -312,18 +331,20 @@ async fn pump(
                 continue;
             }
         };
-        let mut event = Event::builder(Arc::clone(&topic), decoded.clone()).attempt(attempt);
+        // Kept beside the event only when a dead letter may need it (a copy of the headers).
+        let kept = options.max_redeliveries.map(|_| decoded.clone());
+        let mut event = Event::builder(Arc::clone(&topic), decoded).attempt(attempt);
         if attempt > 1 {
             event = event.error(Error::new(ErrorKind::Handler, "an earlier delivery of this message failed"));
         }
         let event = event
             .acknowledger(JetStreamAck {
                 message,
-                decoded,
+                decoded: kept,
                 topic: Arc::clone(&topic),
                 attempt,
                 max_redeliveries: options.max_redeliveries,
-                shared: shared.clone(),
+                shared: Arc::clone(&shared),
             })
             .build();
         state.dispatch(&handler, event, options.auto_ack, permit, None).await;
@@ -344,11 +365,13 @@ fn backoff(attempt: u32) -> Duration {
 
 struct JetStreamAck {
     message: async_nats::jetstream::Message,
-    decoded: Message,
+    /// The decoded message, for a dead letter (kept only with `max_redeliveries`).
+    decoded: Option<Message>,
     topic: Arc<str>,
     attempt: u32,
     max_redeliveries: Option<u32>,
-    shared: Shared,
+    /// Shared by the subscription's events: one reference count each, not a copy of the context.
+    shared: Arc<Shared>,
 }
 
 impl JetStreamAck {
@@ -361,14 +384,16 @@ impl JetStreamAck {
 
     async fn dead_letter(&self, reason: &str) -> Result<()> {
         let dlq = format!("{}.dlq", self.topic);
-        let message = self
-            .decoded
+        let Some(decoded) = &self.decoded else {
+            return Err(Error::new(ErrorKind::Backend, "no copy of the message was kept for a dead letter"));
+        };
+        let message = decoded
             .clone()
             .with_header(headers::DEAD_LETTER_REASON, reason)
             .with_header(headers::DELIVERY_ATTEMPTS, self.attempt.to_string())
             .with_header(headers::ORIGINAL_TOPIC, self.topic.to_string());
         let out = wire::encode(&dlq, message, self.shared.envelope)?;
-        send(&self.shared.js, &dlq, out, self.shared.timeout).await?;
+        send(&self.shared.js, async_nats::Subject::from(dlq.as_str()), &dlq, out, self.shared.timeout).await?;
         self.shared.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(topic = %self.topic, %dlq, reason, attempts = self.attempt, "nats broker: dead-lettered");
         Ok(())

@@ -83,7 +83,7 @@ mod error;
 mod jetstream;
 pub mod wire;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
@@ -184,7 +184,8 @@ pub(crate) struct Running {
     pub(crate) config: NatsConfig,
     pub(crate) options: BrokerOptions,
     pub(crate) js: Option<async_nats::jetstream::Context>,
-    pub(crate) streams: Mutex<HashSet<String>>,
+    /// The streams known to exist, by first topic segment.
+    pub(crate) streams: Mutex<HashMap<String, Arc<str>, broker_core::TopicHash>>,
     subs: Mutex<HashMap<u64, Arc<SubState>>>,
     next_sub: AtomicU64,
     pub(crate) counters: Arc<Counters>,
@@ -203,7 +204,7 @@ const SUBJECT_CACHE_LIMIT: usize = 4096;
 impl Running {
     /// The validated subject of `topic`, from the cache: a publish to a known topic neither
     /// validates nor allocates it again (a `Subject` clone is a reference count).
-    fn subject(&self, topic: &str) -> Result<async_nats::Subject> {
+    pub(crate) fn subject(&self, topic: &str) -> Result<async_nats::Subject> {
         if let Some(subject) = self.subjects.read().unwrap_or_else(|p| p.into_inner()).get(topic) {
             return Ok(subject.clone());
         }
@@ -607,7 +608,7 @@ async fn open(options: &BrokerOptions, config: &NatsConfig, counters: &Arc<Count
         config: config.clone(),
         options: options.clone(),
         js,
-        streams: Mutex::new(HashSet::new()),
+        streams: Mutex::new(HashMap::default()),
         subs: Mutex::new(HashMap::new()),
         next_sub: AtomicU64::new(1),
         counters: Arc::clone(counters),
@@ -750,11 +751,13 @@ async fn publish_jetstream(
     mut message: Message,
     options: PublishOptions,
 ) -> Result<()> {
-    validate_topic(topic)?;
+    let subject = running.subject(topic)?;
     capabilities_of(&running.config).check_publish(NAME, &options)?;
-    message.headers.extend(options.headers);
+    if !options.headers.is_empty() {
+        message.headers.extend(options.headers);
+    }
     let out = wire::encode(topic, message, running.config.envelope)?;
-    jetstream::publish(&running, topic, out).await
+    jetstream::publish(&running, subject, topic, out).await
 }
 
 async fn core_subscribe(
