@@ -259,7 +259,8 @@ struct TopicInbox {
 
 #[derive(Default)]
 struct InboxState {
-    topics: HashMap<String, TopicInbox>,
+    /// Keyed by the application's topic names, looked up by every publish and dispatch round.
+    topics: HashMap<String, TopicInbox, broker_core::TopicHash>,
     total_bytes: usize,
 }
 
