@@ -702,17 +702,17 @@ impl Broker for NatsBroker {
 
     async fn publish(&self, topic: &str, mut message: Message, options: PublishOptions) -> Result<()> {
         let running = self.connected()?;
-        if running.js.is_some() {
-            // Boxed: the JetStream publish's future is large, and every core publish's future
-            // (allocated and moved by async_trait) would otherwise be as large.
-            return Box::pin(publish_jetstream(running, topic, message, options)).await;
-        }
         let subject = running.subject(topic)?;
         capabilities_of(&running.config).check_publish(NAME, &options)?;
         if !options.headers.is_empty() {
             message.headers.extend(options.headers);
         }
         let out = wire::encode(topic, message, running.config.envelope)?;
+        if running.js.is_some() {
+            // Boxed: the JetStream publish's future is large, and every core publish's future
+            // (allocated and moved by async_trait) would otherwise be as large.
+            return Box::pin(jetstream::publish(&running, subject, topic, out)).await;
+        }
         running.publish_core(subject, topic, out).await
     }
 
@@ -743,21 +743,6 @@ impl Broker for NatsBroker {
     fn capabilities(&self) -> Capabilities {
         capabilities_of(&self.config())
     }
-}
-
-async fn publish_jetstream(
-    running: Arc<Running>,
-    topic: &str,
-    mut message: Message,
-    options: PublishOptions,
-) -> Result<()> {
-    let subject = running.subject(topic)?;
-    capabilities_of(&running.config).check_publish(NAME, &options)?;
-    if !options.headers.is_empty() {
-        message.headers.extend(options.headers);
-    }
-    let out = wire::encode(topic, message, running.config.envelope)?;
-    jetstream::publish(&running, subject, topic, out).await
 }
 
 async fn core_subscribe(
