@@ -286,25 +286,33 @@ struct FakeNode {
 }
 
 async fn fake_node(statuses: Vec<u16>, delay: Duration) -> FakeNode {
+    fake_node_with_delays(statuses, Vec::new(), delay).await
+}
+
+/// [`fake_node`] whose request n waits `delays[n]` (then `delay`) before it answers.
+async fn fake_node_with_delays(statuses: Vec<u16>, delays: Vec<Duration>, delay: Duration) -> FakeNode {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap().to_string();
     let requests = Arc::new(AtomicUsize::new(0));
     let open = Arc::new(AtomicUsize::new(0));
     let max_open = Arc::new(AtomicUsize::new(0));
     let statuses = Arc::new(statuses);
+    let delays = Arc::new(delays);
     let (r, o, m) = (Arc::clone(&requests), Arc::clone(&open), Arc::clone(&max_open));
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else { return };
-            let (r, o, m, statuses) = (Arc::clone(&r), Arc::clone(&o), Arc::clone(&m), Arc::clone(&statuses));
+            let (r, o, m) = (Arc::clone(&r), Arc::clone(&o), Arc::clone(&m));
+            let (statuses, delays) = (Arc::clone(&statuses), Arc::clone(&delays));
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |_req: hyper::Request<hyper::body::Incoming>| {
-                    let (r, o, m, statuses) = (Arc::clone(&r), Arc::clone(&o), Arc::clone(&m), Arc::clone(&statuses));
+                    let (r, o, m) = (Arc::clone(&r), Arc::clone(&o), Arc::clone(&m));
+                    let (statuses, delays) = (Arc::clone(&statuses), Arc::clone(&delays));
                     async move {
                         let n = r.fetch_add(1, Ordering::SeqCst);
                         let now = o.fetch_add(1, Ordering::SeqCst) + 1;
                         m.fetch_max(now, Ordering::SeqCst);
-                        tokio::time::sleep(delay).await;
+                        tokio::time::sleep(*delays.get(n).unwrap_or(&delay)).await;
                         o.fetch_sub(1, Ordering::SeqCst);
                         let mut response = hyper::Response::new(Full::new(Bytes::new()));
                         *response.status_mut() = hyper::StatusCode::from_u16(*statuses.get(n).unwrap_or(&200)).unwrap();
@@ -464,6 +472,25 @@ async fn fix6_queue_group_fails_over_to_another_node() {
     }
     assert_eq!(got.len(), 20);
     assert_eq!(broker.stats().delivery_dropped, 0);
+    broker.disconnect().await.unwrap();
+}
+
+/// A queue group's node that failed once (here: no answer within the request timeout) is hidden
+/// for a moment only, not until its next registration (up to `register_interval`, 30 s, during
+/// which a group with no other node got nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fix6_a_group_node_that_failed_once_is_tried_again_soon() {
+    let registry = registry();
+    let broker = broker_with(&registry, &[("request_timeout_ms", "200")]).await;
+    let topic = unique("stalled-once");
+    let node = fake_node_with_delays(vec![], vec![Duration::from_secs(2)], Duration::ZERO).await;
+    register_fake(&registry, &topic, "workers", "only-1", &node.address).await;
+    // Waits up to the publish timeout (10 s) for the outcome.
+    let report = broker.publish_confirmed(&topic, Message::new("1"), PublishOptions::new()).await.unwrap();
+    assert_eq!(report.delivered, vec!["only-1".to_string()], "{report:?}");
+    let report = broker.publish_confirmed(&topic, Message::new("2"), PublishOptions::new()).await.unwrap();
+    assert_eq!(report.delivered, vec!["only-1".to_string()], "{report:?}");
+    assert_eq!(node.requests.load(Ordering::SeqCst), 3, "the timed-out request, its retry, the second message");
     broker.disconnect().await.unwrap();
 }
 

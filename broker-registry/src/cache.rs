@@ -1,6 +1,6 @@
 //! A registry cache kept fresh by one background watch, as Go Micro's `registry/cache`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -21,6 +21,13 @@ pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(60);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
+/// How long [`Cache::forget_node`] first hides a node; each failure after that hiding ended (and
+/// before the node registers again) doubles it, up to [`FORGET_MAX`]. Bounded because a node
+/// that failed once (a request timed out) may be the only one of its queue group: hidden until
+/// its next heartbeat (30 s by default), its topic got nothing meanwhile.
+const FORGET_FIRST: Duration = Duration::from_secs(1);
+const FORGET_MAX: Duration = Duration::from_secs(30);
+
 /// Keeps [`get_service`](Cache::get_service) answers in memory, fresh by ONE background watch of
 /// every service of the registry.
 ///
@@ -29,7 +36,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 ///   is down, lookups read through (and fall back to the last answer if the registry fails).
 /// - The watch is restarted with backoff when it breaks, and the cached names are looked up again.
 /// - [`changes`](Cache::changes) is a generation counter bumped on every registry change seen.
-/// - [`forget_node`](Cache::forget_node) hides a node that failed until it is registered again.
+/// - [`forget_node`](Cache::forget_node) hides a node that failed for a while (1 s, doubling with
+///   each further failure up to 30 s), or until it is registered again.
 ///
 /// The background task stops when the `Cache` is dropped. It is spawned on the Tokio runtime
 /// current at [`Cache::new`] (or at the first lookup, if there was none).
@@ -48,8 +56,9 @@ struct Inner {
 #[derive(Default)]
 struct State {
     entries: HashMap<String, Entry>,
-    /// `(service name, node id)` hidden until registered again.
-    forgotten: HashSet<(String, String)>,
+    /// `(service name, node id)` of nodes that failed, hidden until registered again or until
+    /// their hiding ends (kept after that, so that the next failure hides the node longer).
+    forgotten: HashMap<(String, String), Forgotten>,
     /// Whether the background watch is running, so that entries are kept fresh.
     watching: bool,
     /// Lookups under way, per name: how many, and the events seen meanwhile (replayed on top of
@@ -60,6 +69,14 @@ struct State {
 struct Entry {
     services: Vec<Service>,
     fetched: Instant,
+}
+
+/// A node [`Cache::forget_node`] was told about.
+#[derive(Debug, Clone, Copy)]
+struct Forgotten {
+    hidden_until: Instant,
+    /// Failures that started a hiding, since the node last registered.
+    strikes: u32,
 }
 
 impl Cache {
@@ -118,10 +135,12 @@ impl Cache {
         self.inner.changes.subscribe()
     }
 
-    /// Hides node `node_id` of `service_name` (after a failed delivery, say) until it is
-    /// registered again (a create or update event for it, heartbeats included) or deleted.
+    /// Hides node `node_id` of `service_name` (after a failed delivery, say) for 1 s, or 2, 4, ...
+    /// up to 30 s when it fails again after each hiding, or until it is registered again (a
+    /// create or update event for it, heartbeats included) or deleted. A failure while the node
+    /// is hidden (deliveries that were under way) changes nothing.
     pub fn forget_node(&self, service_name: &str, node_id: &str) {
-        lock(&self.inner.state).forgotten.insert((service_name.to_owned(), node_id.to_owned()));
+        lock(&self.inner.state).forget(service_name, node_id, Instant::now());
     }
 
     /// Whether the background watch is running (lookups are then answered from memory).
@@ -166,14 +185,32 @@ impl fmt::Debug for Cache {
 
 impl State {
     fn visible(&self, name: &str, services: &[Service]) -> Vec<Service> {
+        self.visible_at(name, services, Instant::now())
+    }
+
+    fn visible_at(&self, name: &str, services: &[Service], now: Instant) -> Vec<Service> {
         let mut services = services.to_vec();
         if !self.forgotten.is_empty() {
+            let hidden = |id: &str| {
+                self.forgotten.get(&(name.to_owned(), id.to_owned())).is_some_and(|node| node.hidden_until > now)
+            };
             for service in &mut services {
-                service.nodes.retain(|node| !self.forgotten.contains(&(name.to_owned(), node.id.clone())));
+                service.nodes.retain(|node| !hidden(&node.id));
             }
             services.retain(|service| !service.nodes.is_empty());
         }
         services
+    }
+
+    fn forget(&mut self, service_name: &str, node_id: &str, now: Instant) {
+        let node = self
+            .forgotten
+            .entry((service_name.to_owned(), node_id.to_owned()))
+            .or_insert(Forgotten { hidden_until: now, strikes: 0 });
+        if node.hidden_until <= now {
+            node.strikes += 1;
+            node.hidden_until = now + forget_for(node.strikes);
+        }
     }
 
     fn apply(&mut self, event: &WatchEvent) {
@@ -191,6 +228,11 @@ impl State {
             apply_to(&mut entry.services, event);
         }
     }
+}
+
+/// How long the `strikes`-th failure hides a node: 1 s, 2, 4, 8, 16, then 30 s.
+fn forget_for(strikes: u32) -> Duration {
+    FORGET_FIRST.saturating_mul(1 << strikes.saturating_sub(1).min(5)).min(FORGET_MAX)
 }
 
 /// Applies one event to the versions of one service. Idempotent, so events may be replayed.
@@ -410,7 +452,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn forgotten_nodes_stay_hidden_until_registered_again() {
+    async fn forgotten_nodes_are_hidden_until_registered_again() {
         let registry = Flaky::new();
         let cache = Cache::new(registry.clone());
         until("the watch", || cache.is_watching()).await;
@@ -429,6 +471,31 @@ mod tests {
         registry.register(&service("s", "v", "a"), Duration::ZERO).await.unwrap();
         tokio::time::timeout(Duration::from_secs(5), changes.changed()).await.unwrap().unwrap();
         assert_eq!(ids(&cache.get_service("s").await.unwrap()), ["v/a"]);
+    }
+
+    #[test]
+    fn a_forgotten_node_is_hidden_for_a_while_and_longer_when_it_fails_again() {
+        let mut state = State::default();
+        let services = [service("s", "v", "a")];
+        let visible = |state: &State, at| ids(&state.visible_at("s", &services, at));
+        let t0 = Instant::now();
+        state.forget("s", "a", t0);
+        assert!(visible(&state, t0).is_empty());
+        // Deliveries under way fail too: no longer hiding for them.
+        state.forget("s", "a", t0 + Duration::from_millis(500));
+        assert!(visible(&state, t0 + Duration::from_millis(999)).is_empty());
+        assert_eq!(visible(&state, t0 + FORGET_FIRST), ["v/a"], "back after the first second");
+        // Failing again after its hiding: twice as long.
+        let t1 = t0 + Duration::from_secs(5);
+        state.forget("s", "a", t1);
+        assert!(visible(&state, t1 + Duration::from_millis(1999)).is_empty());
+        assert_eq!(visible(&state, t1 + Duration::from_secs(2)), ["v/a"]);
+        // Registering again starts over.
+        state.apply(&WatchEvent { action: Action::Update, service: service("s", "v", "a") });
+        let t2 = t1 + Duration::from_secs(10);
+        state.forget("s", "a", t2);
+        assert_eq!(visible(&state, t2 + FORGET_FIRST), ["v/a"]);
+        assert_eq!((1..=8).map(forget_for).map(|d| d.as_secs()).collect::<Vec<_>>(), [1, 2, 4, 8, 16, 30, 30, 30]);
     }
 
     #[tokio::test]
