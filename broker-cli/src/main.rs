@@ -7,6 +7,9 @@
 //! Exit status: 0 success, 1 error, 2 bad command line, 3 `sub --timeout` expired, 130 / 143
 //! `sub` interrupted by SIGINT / SIGTERM (after unsubscribing).
 //! Every error is one line on standard error: `broker: <error>`.
+//!
+//! `RUST_LOG` (e.g. `RUST_LOG=broker_registry=debug`) shows the library's diagnostics, such as
+//! retried or dropped deliveries, on standard error; without it nothing else is printed there.
 
 mod cli;
 mod commands;
@@ -23,6 +26,7 @@ use crate::cli::{Cli, Command};
 use crate::error::CliError;
 
 fn main() -> ExitCode {
+    init_logging();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) => return error::report_clap(err),
@@ -30,6 +34,18 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => error::report(&err),
+    }
+}
+
+/// Logs to standard error when `RUST_LOG` is set (a filter that does not parse is reported and
+/// ignored); silent otherwise, so that scripts reading the output see only the command's own.
+fn init_logging() {
+    let Some(filter) = std::env::var_os(tracing_subscriber::EnvFilter::DEFAULT_ENV) else { return };
+    match tracing_subscriber::EnvFilter::try_new(filter.to_string_lossy()) {
+        Ok(filter) => {
+            let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+        }
+        Err(e) => eprintln!("broker: ignoring RUST_LOG ({e})"),
     }
 }
 
