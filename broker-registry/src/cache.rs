@@ -61,6 +61,8 @@ struct State {
     forgotten: HashMap<(String, String), Forgotten>,
     /// Whether the background watch is running, so that entries are kept fresh.
     watching: bool,
+    /// Counts the starts of the background watch (see [`Entry::watch`]).
+    watch_started: u64,
     /// Lookups under way, per name: how many, and the events seen meanwhile (replayed on top of
     /// the lookup's answer, which may predate them).
     in_flight: HashMap<String, (usize, Vec<WatchEvent>)>,
@@ -69,6 +71,10 @@ struct State {
 struct Entry {
     services: Vec<Service>,
     fetched: Instant,
+    /// [`State::watch_started`] when its lookup began. Only an entry looked up while the current
+    /// watch already ran is kept fresh by it: one read before the watch's own first look at the
+    /// registry may miss a change made in between, of which the watch sends no event.
+    watch: u64,
 }
 
 /// A node [`Cache::forget_node`] was told about.
@@ -109,7 +115,8 @@ impl Cache {
         {
             let state = lock(&self.inner.state);
             if let Some(entry) = state.entries.get(name) {
-                if state.watching && entry.fetched.elapsed() < self.inner.ttl {
+                let fresh = entry.watch == state.watch_started && entry.fetched.elapsed() < self.inner.ttl;
+                if state.watching && fresh {
                     return Ok(state.visible(name, &entry.services));
                 }
             }
@@ -258,7 +265,11 @@ impl Inner {
 
     /// Looks `name` up in the registry and stores the answer (with the events seen meanwhile).
     async fn lookup(&self, name: &str) -> Result<Vec<Service>> {
-        lock(&self.state).in_flight.entry(name.to_owned()).or_default().0 += 1;
+        let watch = {
+            let mut state = lock(&self.state);
+            state.in_flight.entry(name.to_owned()).or_default().0 += 1;
+            state.watch_started
+        };
         let result = self.registry.get_service(name).await;
         let mut state = lock(&self.state);
         let seen = match state.in_flight.get_mut(name) {
@@ -272,7 +283,7 @@ impl Inner {
         for event in &seen {
             apply_to(&mut services, event);
         }
-        state.entries.insert(name.to_owned(), Entry { services: services.clone(), fetched: Instant::now() });
+        state.entries.insert(name.to_owned(), Entry { services: services.clone(), fetched: Instant::now(), watch });
         Ok(state.visible(name, &services))
     }
 
@@ -297,7 +308,11 @@ async fn run(inner: Weak<Inner>) {
             Ok(mut watcher) => {
                 {
                     let Some(inner) = inner.upgrade() else { return };
-                    lock(&inner.state).watching = true;
+                    {
+                        let mut state = lock(&inner.state);
+                        state.watching = true;
+                        state.watch_started += 1;
+                    }
                     inner.refresh_all().await;
                     inner.bump();
                 }
@@ -349,6 +364,10 @@ mod tests {
         watches: Arc<AtomicUsize>,
         breaker: watch::Sender<u64>,
         fail_lookups: std::sync::atomic::AtomicBool,
+        /// New watches wait while this is false.
+        watches_open: watch::Sender<bool>,
+        /// Lookups, once they have read the registry, wait while this is false.
+        answers_open: watch::Sender<bool>,
     }
 
     struct WatchGuard(Arc<AtomicUsize>);
@@ -366,6 +385,8 @@ mod tests {
                 watches: Arc::new(AtomicUsize::new(0)),
                 breaker: watch::channel(0).0,
                 fail_lookups: Default::default(),
+                watches_open: watch::channel(true).0,
+                answers_open: watch::channel(true).0,
             })
         }
         fn break_watches(&self) {
@@ -386,9 +407,13 @@ mod tests {
             if self.fail_lookups.load(Ordering::SeqCst) {
                 return Err(Error::new(ErrorKind::Connection, "lookup failed"));
             }
-            self.inner.get_service(name).await
+            let answer = self.inner.get_service(name).await;
+            let _ = self.answers_open.subscribe().wait_for(|open| *open).await;
+            answer
         }
         async fn watch(&self, name: Option<&str>) -> Result<Watcher> {
+            let mut open = self.watches_open.subscribe();
+            let _ = open.wait_for(|open| *open).await;
             let events = self.inner.watch(name).await?;
             self.watches.fetch_add(1, Ordering::SeqCst);
             let guard = WatchGuard(self.watches.clone());
@@ -496,6 +521,31 @@ mod tests {
         state.forget("s", "a", t2);
         assert_eq!(visible(&state, t2 + FORGET_FIRST), ["v/a"]);
         assert_eq!((1..=8).map(forget_for).map(|d| d.as_secs()).collect::<Vec<_>>(), [1, 2, 4, 8, 16, 30, 30, 30]);
+    }
+
+    #[tokio::test]
+    async fn a_lookup_older_than_the_watch_is_not_trusted() {
+        let registry = Flaky::new();
+        registry.watches_open.send_replace(false);
+        registry.answers_open.send_replace(false);
+        let cache = Cache::new(registry.clone());
+        // A lookup reads the registry before the watch has looked at it, and is still under way
+        // when the watch starts; a node registered in between is in the watch's first look, so
+        // no event tells of it.
+        let early = tokio::spawn({
+            let cache = Arc::clone(&cache);
+            async move { cache.get_service("s").await }
+        });
+        until("the early read", || registry.lookups.load(Ordering::SeqCst) == 1).await;
+        registry.register(&service("s", "v", "a"), Duration::ZERO).await.unwrap();
+        registry.watches_open.send_replace(true);
+        until("the watch", || cache.is_watching()).await;
+        registry.answers_open.send_replace(true);
+        assert!(early.await.unwrap().unwrap().is_empty(), "what it read");
+        assert_eq!(ids(&cache.get_service("s").await.unwrap()), ["v/a"], "read again, not taken as fresh");
+        let lookups = registry.lookups.load(Ordering::SeqCst);
+        assert_eq!(ids(&cache.get_service("s").await.unwrap()), ["v/a"]);
+        assert_eq!(registry.lookups.load(Ordering::SeqCst), lookups, "from memory once looked up under the watch");
     }
 
     #[tokio::test]
