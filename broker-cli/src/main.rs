@@ -18,6 +18,7 @@ mod error;
 mod output;
 
 use std::future::Future;
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -43,7 +44,10 @@ fn init_logging() {
     let Some(filter) = std::env::var_os(tracing_subscriber::EnvFilter::DEFAULT_ENV) else { return };
     match tracing_subscriber::EnvFilter::try_new(filter.to_string_lossy()) {
         Ok(filter) => {
-            let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+            let colors = std::io::stderr().is_terminal();
+            let logger =
+                tracing_subscriber::fmt().with_env_filter(filter).with_ansi(colors).with_writer(std::io::stderr);
+            let _ = logger.try_init();
         }
         Err(e) => eprintln!("broker: ignoring RUST_LOG ({e})"),
     }

@@ -36,13 +36,15 @@ impl Run {
 /// the defaults are tested (the http backend over the `local` registry).
 const SELECTION_VARS: &[&str] = &["MICRO_BROKER", "MICRO_BROKER_ADDRESS", "MICRO_REGISTRY", "MICRO_REGISTRY_ADDRESS"];
 
-/// `broker` with `args`, the selection variables cleared, then `env` set.
+/// `broker` with `args`, the selection variables and `RUST_LOG` (logs on stderr) cleared, then
+/// `env` set.
 fn command(args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_broker"));
     command.args(args);
     for var in SELECTION_VARS {
         command.env_remove(var);
     }
+    command.env_remove("RUST_LOG");
     command.envs(env.iter().copied());
     command
 }
@@ -408,6 +410,24 @@ fn demo_over_memory_runs_in_one_process() {
     let run = broker(&["demo", "--users", "25"], &memory, None);
     assert_eq!(run.code(), Some(0), "{run:#?}");
     assert!(run.stdout.contains("demo: published 25, delivered 25: all 25 users welcomed exactly once"), "{run:#?}");
+}
+
+#[test]
+fn rust_log_shows_the_librarys_diagnostics_on_stderr() {
+    let memory = [("MICRO_BROKER", "memory")];
+    let quiet = broker(&["demo", "--users", "1"], &memory, None);
+    assert_eq!((quiet.code(), quiet.stderr.as_str()), (Some(0), ""), "{quiet:#?}");
+
+    // The two-process demo over http: the publisher's HTTP client logs at debug level.
+    let logged = broker(&["demo", "--users", "1"], &[("RUST_LOG", "debug")], None);
+    assert_eq!(logged.code(), Some(0), "{logged:#?}");
+    assert!(logged.stderr.lines().any(|line| line.contains("DEBUG")), "{logged:#?}");
+    assert!(!logged.stderr.contains('\u{1b}'), "no colour codes when stderr is no terminal: {logged:#?}");
+    assert!(!logged.stdout.contains("DEBUG"), "logs stay off stdout: {logged:#?}");
+
+    let bad = broker(&["demo", "--users", "1"], &[("RUST_LOG", "x=[")], None);
+    assert_eq!(bad.code(), Some(0), "{bad:#?}");
+    assert!(bad.stderr.starts_with("broker: ignoring RUST_LOG ("), "{bad:#?}");
 }
 
 #[test]
