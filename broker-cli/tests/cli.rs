@@ -459,8 +459,11 @@ fn pub_sub_and_demo_over_grpc() {
     let expected = format!(r#"{{"topic":"{topic}","headers":{{"trace":"abc"}},"body":"hello"}}"#);
     assert_eq!(stdout, format!("{expected}\n{expected}\n"), "{stderr:?}");
 
-    // The demo: half of the events wait in the user service's inbox until the email service registers.
-    let run = broker(&["demo"], &env, None);
+    // The demo: half of the events wait in the user service's inbox until the email service
+    // registers. With the outbox's diagnostics (failed deliveries, retries) on stderr, shown if
+    // it fails: once, on CI, it delivered nothing in 10 s, and said nothing of why.
+    let run =
+        broker(&["demo"], &[("MICRO_BROKER", "grpc"), ("RUST_LOG", "broker_registry=debug,broker_grpc=debug")], None);
     assert_eq!(run.code(), Some(0), "{run:#?}");
     let summary = "demo: published 10 (5 before the email service started), delivered 10 (5 of them from that backlog): \
                    all 10 users welcomed exactly once";
