@@ -37,10 +37,12 @@ pub fn validate_kafka_topic(topic: &str) -> Result<()> {
     Ok(())
 }
 
-/// The admin client and the topics known to exist.
+/// The admin client and the topics known to be ready.
 pub(crate) struct Admin {
     client: AdminClient<DefaultClientContext>,
-    known: Mutex<HashSet<String>>,
+    /// Topics that passed [`validate_kafka_topic`] and exist (or topic creation is off): a
+    /// publish to one of them checks nothing else (the checks cost more than the rest of it).
+    known: Mutex<HashSet<String, broker_core::TopicHash>>,
     partitions: i32,
     replication: i32,
     enabled: bool,
@@ -54,7 +56,7 @@ impl Admin {
         let client = client_config.create().map_err(|e| error::client_config("admin client", e))?;
         Ok(Admin {
             client,
-            known: Mutex::new(HashSet::new()),
+            known: Mutex::new(HashSet::default()),
             partitions: config.partitions,
             replication: config.replication_factor,
             enabled: config.auto_create_topics,
@@ -62,9 +64,19 @@ impl Admin {
         })
     }
 
-    /// Creates `topic` unless it is known to exist (or creation is off). An existing topic is fine.
+    /// Whether `topic` is ready: validated, and created unless creation is off (see [`Admin::ensure`]).
+    pub(crate) fn is_known(&self, topic: &str) -> bool {
+        self.known.lock().unwrap_or_else(|p| p.into_inner()).contains(topic)
+    }
+
+    /// Creates `topic` (which passed [`validate_kafka_topic`]) unless it is known to exist or
+    /// creation is off, and remembers it as ready. An existing topic is fine.
     pub(crate) async fn ensure(&self, topic: &str) -> Result<()> {
-        if !self.enabled || self.known.lock().unwrap_or_else(|p| p.into_inner()).contains(topic) {
+        if self.is_known(topic) {
+            return Ok(());
+        }
+        if !self.enabled {
+            self.known.lock().unwrap_or_else(|p| p.into_inner()).insert(topic.to_string());
             return Ok(());
         }
         let new = NewTopic::new(topic, self.partitions, TopicReplication::Fixed(self.replication));

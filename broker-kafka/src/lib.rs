@@ -392,11 +392,20 @@ impl Broker for KafkaBroker {
     }
 
     async fn publish(&self, topic: &str, mut message: Message, options: PublishOptions) -> Result<()> {
-        validate_kafka_topic(topic)?;
+        let running = self.connected();
+        // A topic published to before was validated then (and created): usually it was.
+        let known = running.as_ref().is_ok_and(|running| running.admin.is_known(topic));
+        if !known {
+            validate_kafka_topic(topic)?;
+        }
         CAPABILITIES.check_publish(NAME, &options)?;
-        let running = self.connected()?;
-        message.headers.extend(options.headers);
-        running.admin.ensure(topic).await?;
+        let running = running?;
+        if !options.headers.is_empty() {
+            message.headers.extend(options.headers);
+        }
+        if !known {
+            running.admin.ensure(topic).await?;
+        }
         running.publisher.send(topic, message, options.ordering_key.as_deref()).await
     }
 

@@ -277,7 +277,8 @@ impl Publisher {
     /// Produces `message` to `topic` with record key `key` and awaits its delivery report,
     /// bounded by the publish timeout. A full local queue is waited out (never dropped).
     pub(crate) async fn send(&self, topic: &str, message: Message, key: Option<&str>) -> Result<()> {
-        let what = format!("publish to {topic:?}");
+        // For errors only: formatting it costs more than the rest of a publish.
+        let what = || format!("publish to {topic:?}");
         let outgoing = encode(topic, message, self.envelope);
         let deadline = tokio::time::Instant::now() + self.limit;
         let producing = self.current();
@@ -297,7 +298,8 @@ impl Publisher {
                         return Err(Error::new(
                             ErrorKind::Timeout,
                             format!(
-                                "{what}: the producer's local queue stayed full for the publish timeout of {:?}",
+                                "{}: the producer's local queue stayed full for the publish timeout of {:?}",
+                                what(),
                                 self.limit
                             ),
                         ));
@@ -310,7 +312,7 @@ impl Publisher {
                     if wedges_the_producer(&error) || producing.producer.client().fatal_error().is_some() {
                         self.replace(&producing, &error);
                     }
-                    return Err(error::kafka(&what, error));
+                    return Err(error::kafka(&what(), error));
                 }
             }
         };
@@ -324,10 +326,10 @@ impl Publisher {
                 {
                     self.replace(&producing, &error);
                 }
-                Err(error::kafka(&what, error))
+                Err(error::kafka(&what(), error))
             }
-            Ok(Err(_canceled)) => Err(Error::new(ErrorKind::Closed, format!("{what}: the producer was closed"))),
-            Err(_) => Err(error::timeout(&what, self.limit)),
+            Ok(Err(_canceled)) => Err(Error::new(ErrorKind::Closed, format!("{}: the producer was closed", what()))),
+            Err(_) => Err(error::timeout(&what(), self.limit)),
         }
     }
 

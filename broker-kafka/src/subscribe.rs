@@ -197,9 +197,11 @@ impl SubState {
             return Ok(());
         }
         let deadline = tokio::time::Instant::now() + self.drain_timeout;
-        let _ = tokio::time::timeout_at(deadline, self.pump.wait()).await;
-        let drained =
-            if wait_handlers { tokio::time::timeout_at(deadline, self.handlers.wait()).await.is_ok() } else { true };
+        // At concurrency 1 the pump runs the handler itself (see `pump`), so it is waited for as
+        // a handler is: not from inside that handler.
+        let drained = !wait_handlers
+            || (tokio::time::timeout_at(deadline, self.pump.wait()).await.is_ok()
+                && tokio::time::timeout_at(deadline, self.handlers.wait()).await.is_ok());
         *closed = true;
         drop(closed);
         if wait_handlers {
@@ -208,7 +210,11 @@ impl SubState {
             // Called from this subscription's own handler: finish once that handler is done.
             let state = Arc::clone(self);
             tokio::spawn(async move {
-                let _ = tokio::time::timeout(state.drain_timeout, state.handlers.wait()).await;
+                let stopped = async {
+                    state.pump.wait().await;
+                    state.handlers.wait().await;
+                };
+                let _ = tokio::time::timeout(state.drain_timeout, stopped).await;
                 state.finish().await;
             });
         }
@@ -441,7 +447,9 @@ fn unique_group() -> String {
     format!("micro-broker-broadcast-{}-{n}-{nanos}", std::process::id())
 }
 
-/// One subscription's loop: a concurrency permit, then a record, then its handler in a task.
+/// One subscription's loop: a record, then its handler. At concurrency 1 the handler runs in
+/// this task (a task and a permit per record were a third of the subscriber's instructions);
+/// above, each in a task of its own under a concurrency permit.
 async fn pump(
     running: Weak<Running>,
     state: Arc<SubState>,
@@ -449,15 +457,20 @@ async fn pump(
     handler: Arc<dyn Handler>,
     plan: Arc<Plan>,
 ) {
+    let inline = plan.options.concurrency == 1;
     let limit = Arc::new(Semaphore::new(plan.options.concurrency));
     loop {
-        let permit = tokio::select! {
-            biased;
-            _ = state.stop.cancelled() => break,
-            permit = Arc::clone(&limit).acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
+        let permit = if inline {
+            None
+        } else {
+            tokio::select! {
+                biased;
+                _ = state.stop.cancelled() => break,
+                permit = Arc::clone(&limit).acquire_owned() => match permit {
+                    Ok(permit) => Some(permit),
+                    Err(_) => break,
+                },
+            }
         };
         let next = tokio::select! {
             biased;
@@ -476,11 +489,25 @@ async fn pump(
             }
         };
         state.offsets.received(record.partition, record.offset);
+        let key = state.key();
+        if inline {
+            let delivery = deliver(&running, &state, handler.as_ref(), &plan, record, key);
+            tokio::pin!(delivery);
+            tokio::select! {
+                biased;
+                () = &mut delivery => continue,
+                () = state.stop.cancelled() => {}
+            }
+            // Stopping while the handler runs: it finishes, but without this task's handle on the
+            // consumer, so that closing the consumer (after the drain timeout) leaves the group.
+            drop(consumer);
+            delivery.await;
+            break;
+        }
         let (running, state2, handler, plan) =
             (running.clone(), Arc::clone(&state), Arc::clone(&handler), Arc::clone(&plan));
-        let key = state.key();
         state.handlers.spawn(async move {
-            deliver(running, &state2, handler, &plan, record, key).await;
+            deliver(&running, &state2, handler.as_ref(), &plan, record, key).await;
             drop(permit);
         });
     }
@@ -489,9 +516,9 @@ async fn pump(
 /// Runs the handler on one record until it is handled, dead-lettered, or the subscription stops
 /// (then the record stays uncommitted and is read again by the group's next owner).
 async fn deliver(
-    running: Weak<Running>,
+    running: &Weak<Running>,
     state: &SubState,
-    handler: Arc<dyn Handler>,
+    handler: &dyn Handler,
     plan: &Plan,
     record: Record,
     key: usize,
@@ -504,7 +531,7 @@ async fn deliver(
             // Not readable at all: no handler can take it. Dead-letter it as it came, once.
             let raw = Message::with_headers(record_headers, record.payload.clone());
             let reason = format!("the record could not be decoded: {error}");
-            if dead_letter(&running, state, &plan.topic, raw, &reason, 1).await {
+            if dead_letter(running, state, &plan.topic, raw, &reason, 1).await {
                 state.handled(record.partition, record.offset);
             }
             return;
@@ -521,7 +548,7 @@ async fn deliver(
             builder = builder.error(Error::new(ErrorKind::Handler, format!("the previous attempt failed: {reason}")));
         }
         let event = builder.build();
-        let outcome = scope_handler(key, run_handler(handler.as_ref(), event.clone(), plan.options.auto_ack)).await;
+        let outcome = scope_handler(key, run_handler(handler, event.clone(), plan.options.auto_ack)).await;
         let failure = match (event.settlement(), outcome) {
             (Some(Settlement::Acked), _) | (None, Ok(())) => None,
             (Some(Settlement::Nacked), _) => {
@@ -536,7 +563,7 @@ async fn deliver(
                 .with_header(headers::DEAD_LETTER_REASON, reason.as_str())
                 .with_header(headers::DELIVERY_ATTEMPTS, attempt.to_string())
                 .with_header(headers::ORIGINAL_TOPIC, &*plan.topic);
-            if !dead_letter(&running, state, &plan.topic, dead, &reason, attempt).await {
+            if !dead_letter(running, state, &plan.topic, dead, &reason, attempt).await {
                 return;
             }
             break;
