@@ -442,16 +442,40 @@ fn is_plain_ascii_topic(bytes: &[u8]) -> bool {
     if bytes.len() > MAX_TOPIC_BYTES || first == b'.' || last == b'.' {
         return false;
     }
+    // One table load per byte, no branch (the byte-by-byte comparisons were ~18 instructions a
+    // byte, on every publish).
+    let mut bad = 0u8;
     let mut previous = 0u8;
     for &b in bytes {
-        // <= b' ': ASCII controls and whitespace; >= 0x7f: DEL and every non-ASCII byte.
-        if b <= b' ' || b >= 0x7f || matches!(b, b'*' | b'>' | b'#') || (b == b'.' && previous == b'.') {
-            return false;
-        }
-        previous = b;
+        let class = TOPIC_BYTE[usize::from(b)];
+        bad |= (class & BAD) | (class & previous & DOT);
+        previous = class;
     }
-    true
+    bad == 0
 }
+
+/// [`TOPIC_BYTE`] of a byte no topic may hold: ASCII controls and whitespace (`<= b' '`), DEL and
+/// every non-ASCII byte (`>= 0x7f`; the full check decides on those), the wildcards `*`, `>`, `#`.
+const BAD: u8 = 1;
+/// [`TOPIC_BYTE`] of `.`: two in a row are an empty segment.
+const DOT: u8 = 2;
+/// The class of each byte for [`is_plain_ascii_topic`]: [`BAD`], [`DOT`] or 0.
+static TOPIC_BYTE: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        table[i] = if b <= b' ' || b >= 0x7f || b == b'*' || b == b'>' || b == b'#' {
+            BAD
+        } else if b == b'.' {
+            DOT
+        } else {
+            0
+        };
+        i += 1;
+    }
+    table
+};
 
 #[cfg(test)]
 mod tests {

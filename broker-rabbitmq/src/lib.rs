@@ -403,10 +403,17 @@ impl Running {
     }
 
     /// Publishes `message` to `exchange` with `routing_key` and waits for the confirm, across a
-    /// reconnection if one happens, all within the publish timeout.
-    async fn send(&self, exchange: &str, routing_key: &str, message: &Message, what: &str) -> Result<()> {
+    /// reconnection if one happens, all within the publish timeout. `what` says what the publish
+    /// was for, in errors (made only then: formatting it cost more than the rest of our publish).
+    async fn send(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: &Message,
+        what: &(dyn Fn() -> String + Sync),
+    ) -> Result<()> {
         if routing_key.len() > 255 {
-            return Err(Error::invalid_input(format!("{what}: the routing key is longer than 255 bytes")));
+            return Err(Error::invalid_input(format!("{}: the routing key is longer than 255 bytes", what())));
         }
         let properties = wire::properties(message)?;
         let limit = self.options.publish_timeout;
@@ -415,7 +422,9 @@ impl Running {
             loop {
                 let link = match links.wait_for(Option::is_some).await {
                     Ok(link) => link.clone(),
-                    Err(_) => return Err(Error::new(ErrorKind::Closed, format!("{what}: the broker disconnected"))),
+                    Err(_) => {
+                        return Err(Error::new(ErrorKind::Closed, format!("{}: the broker disconnected", what())));
+                    }
                 };
                 let Some(link) = link else { continue };
                 let channel = link.publisher(&self.config, limit).await?;
@@ -437,20 +446,20 @@ impl Running {
                     Ok(_) => {
                         return Err(Error::new(
                             ErrorKind::Backend,
-                            format!("{what}: the server refused the message (nack)"),
+                            format!("{}: the server refused the message (nack)", what()),
                         ));
                     }
-                    Err(e) if link.connection.status().connected() => return Err(error::amqp(what, e)),
+                    Err(e) if link.connection.status().connected() => return Err(error::amqp(&what(), e)),
                     Err(e) => {
                         // The connection dropped: wait for the supervisor's next one and send again.
-                        tracing::warn!(error = %e, "rabbitmq broker: {what}: connection lost; publishing again after the reconnection");
+                        tracing::warn!(error = %e, "rabbitmq broker: {}: connection lost; publishing again after the reconnection", what());
                         let generation = link.generation;
                         let _ = links.wait_for(|l| l.as_ref().is_some_and(|l| l.generation != generation)).await;
                     }
                 }
             }
         };
-        tokio::time::timeout(limit, attempt).await.map_err(|_| error::timeout(what, limit))?
+        tokio::time::timeout(limit, attempt).await.map_err(|_| error::timeout(&what(), limit))?
     }
 
     /// Publishes a dead letter of `message` (first published to `topic`) to `<topic>.dlq`.
@@ -474,7 +483,7 @@ impl Running {
             .with_header(headers::DEAD_LETTER_REASON, reason)
             .with_header(headers::DELIVERY_ATTEMPTS, attempts.to_string())
             .with_header(headers::ORIGINAL_TOPIC, topic);
-        self.send(&self.config.exchange, &dlq, &letter, &format!("dead-letter to {dlq:?}")).await?;
+        self.send(&self.config.exchange, &dlq, &letter, &|| format!("dead-letter to {dlq:?}")).await?;
         self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%topic, %dlq, reason, attempts, "rabbitmq broker: dead-lettered");
         Ok(())
@@ -746,7 +755,8 @@ impl Acknowledger for Settle {
                 .clone()
                 .with_header(wire::ATTEMPT_HEADER, (self.attempt + 1).to_string())
                 .with_header(wire::REASON_HEADER, reason);
-            let sent = running.send("", &self.queue, &copy, &format!("redeliver to the queue {:?}", self.queue)).await;
+            let sent =
+                running.send("", &self.queue, &copy, &|| format!("redeliver to the queue {:?}", self.queue)).await;
             if sent.is_ok() {
                 running.counters.redeliveries.fetch_add(1, Ordering::Relaxed);
             }
@@ -955,7 +965,7 @@ impl Broker for RabbitBroker {
         validate_topic(topic)?;
         CAPABILITIES.check_publish(NAME, &options)?;
         message.headers.extend(options.headers);
-        running.send(&running.config.exchange, topic, &message, &format!("publish to {topic:?}")).await
+        running.send(&running.config.exchange, topic, &message, &|| format!("publish to {topic:?}")).await
     }
 
     async fn subscribe(
