@@ -41,7 +41,7 @@ pub fn validate_kafka_topic(topic: &str) -> Result<()> {
 pub(crate) struct Admin {
     client: AdminClient<DefaultClientContext>,
     /// Topics that passed [`validate_kafka_topic`] and exist (or topic creation is off): a
-    /// publish to one of them checks nothing else (the checks cost more than the rest of it).
+    /// publish to one of them checks nothing else (the checks were ~940 instructions a publish).
     known: Mutex<HashSet<String, broker_core::TopicHash>>,
     partitions: i32,
     replication: i32,

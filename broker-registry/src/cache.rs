@@ -506,7 +506,7 @@ mod tests {
         let t0 = Instant::now();
         state.forget("s", "a", t0);
         assert!(visible(&state, t0).is_empty());
-        // Deliveries under way fail too: no longer hiding for them.
+        // A failure while it is hidden (deliveries that were under way) does not hide it longer.
         state.forget("s", "a", t0 + Duration::from_millis(500));
         assert!(visible(&state, t0 + Duration::from_millis(999)).is_empty());
         assert_eq!(visible(&state, t0 + FORGET_FIRST), ["v/a"], "back after the first second");
