@@ -58,11 +58,15 @@ async fn an_unreachable_node_is_reported_within_the_timeouts() {
     .await
     .expect("publish_confirmed returns within its publish timeout")
     .unwrap();
-    // The group forgot its only node: the message waits in the inbox for a member, never "delivered".
-    assert!(report.delivered.is_empty() && report.pending == 1, "{report:?}");
-    // disconnect discards it, counted, and says nothing went wrong with the broker itself.
+    // The group's only node is hidden for a second after it refused: the message waits in the
+    // inbox (or, on a slow machine, was tried again and given up on: max_attempts 2), never
+    // "delivered".
+    assert!(report.delivered.is_empty() && report.pending + report.failed.len() == 1, "{report:?}");
+    // disconnect ends it, counted once: discarded from the inbox, or given up after its last
+    // attempt (when the node's hiding ended first); the broker itself had nothing go wrong.
     broker.disconnect().await.unwrap();
-    assert_eq!(broker.stats().inbox_dropped, 1);
+    let stats = broker.stats();
+    assert_eq!(stats.inbox_dropped + stats.delivery_dropped, 1, "{stats:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
