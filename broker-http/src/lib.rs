@@ -375,7 +375,7 @@ impl Broker for HttpBroker {
         let task =
             tokio::spawn(server::serve(listener, acceptor, Arc::downgrade(&running), running.server_stop.clone()));
         *lock(&running.server_task) = Some(task);
-        tokio::spawn(heartbeat(Arc::downgrade(&running), running.heartbeat_stop.clone()));
+        tokio::spawn(endpoint::heartbeat(Arc::downgrade(&running), running.heartbeat_stop.clone()));
         self.inner.current.set(Arc::clone(&running));
         *slot = Some(running);
         Ok(())
@@ -435,18 +435,7 @@ impl Broker for HttpBroker {
         validate_topic(topic)?;
         CAPABILITIES.check_subscribe(NAME, &options)?;
         let service = self.node_for(&running, topic, options.queue.as_deref());
-        let subscription = endpoint::Subscription::new(topic, service.clone(), handler, options.clone());
-        running.subscriptions.insert(Arc::clone(&subscription));
-        if let Err(e) = running.registry.register(&service, running.config.register_ttl).await {
-            running.subscriptions.remove(&subscription);
-            return Err(e);
-        }
-        Ok(Box::new(HttpSubscriber {
-            topic: topic.to_string(),
-            options,
-            subscription,
-            running: Arc::downgrade(&running),
-        }))
+        endpoint::subscribe(&running, topic, service, handler, options).await
     }
 
     fn name(&self) -> &'static str {
@@ -458,56 +447,27 @@ impl Broker for HttpBroker {
     }
 }
 
-/// Re-registers every subscription each `register_interval`, so that registry TTLs do not expire.
-async fn heartbeat(running: std::sync::Weak<Running>, stop: CancellationToken) {
-    loop {
-        let interval = match running.upgrade() {
-            Some(r) => r.config.register_interval,
-            None => return,
-        };
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(interval) => {}
-        }
-        let Some(running) = running.upgrade() else { return };
-        running.subscriptions.register_all(running.registry.as_ref(), running.config.register_ttl, NAME).await;
-    }
-}
+impl endpoint::Peer for Running {
+    const BACKEND: &'static str = NAME;
 
-/// A subscription of the HTTP broker.
-struct HttpSubscriber {
-    topic: String,
-    options: SubscribeOptions,
-    subscription: Arc<endpoint::Subscription>,
-    running: std::sync::Weak<Running>,
-}
-
-impl fmt::Debug for HttpSubscriber {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HttpSubscriber")
-            .field("topic", &self.topic)
-            .field("node_id", &self.subscription.node_id())
-            .finish()
-    }
-}
-
-#[async_trait]
-impl Subscriber for HttpSubscriber {
-    fn topic(&self) -> &str {
-        &self.topic
+    fn subscriptions(&self) -> &endpoint::Subscriptions {
+        &self.subscriptions
     }
 
-    fn options(&self) -> &SubscribeOptions {
-        &self.options
+    fn registry(&self) -> &dyn broker_registry::Registry {
+        self.registry.as_ref()
     }
 
-    fn id(&self) -> Option<&str> {
-        Some(self.subscription.node_id())
+    fn register_ttl(&self) -> Duration {
+        self.config.register_ttl
     }
 
-    async fn unsubscribe(&self) -> Result<()> {
-        let Some(running) = self.running.upgrade() else { return Ok(()) };
-        running.subscriptions.unsubscribe(&self.subscription, running.registry.as_ref(), running.drain_timeout).await
+    fn register_interval(&self) -> Duration {
+        self.config.register_interval
+    }
+
+    fn drain_timeout(&self) -> Duration {
+        self.drain_timeout
     }
 }
 

@@ -1,23 +1,26 @@
 //! The subscriber side shared by the peer-to-peer backends (`http`, `grpc`): the local
 //! subscriptions by node id, and one delivery to a handler with its acknowledgement, redelivery
 //! count and dead letter. Each backend's server decodes a request, finds the subscriptions here
-//! and answers what [`Subscription::deliver`] says (the answer is the acknowledgement).
+//! and answers what [`Subscription::deliver`] says (the answer is the acknowledgement). A
+//! backend's running state implements [`Peer`]; [`subscribe`] and [`heartbeat`] do the rest.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::task::{Context, Poll};
 
 use async_trait::async_trait;
 use std::time::Duration;
 
 use broker_core::{
-    Acknowledger, Error, ErrorKind, Event, Handler, Message, Result, SubscribeOptions, headers, run_handler,
-    scope_handler,
+    Acknowledger, Error, ErrorKind, Event, Handler, Message, Result, SubscribeOptions, Subscriber, headers,
+    run_handler, scope_handler,
 };
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::common::lock;
@@ -314,5 +317,94 @@ impl Subscriptions {
     pub fn get(&self, node_id: &str) -> Vec<Arc<Subscription>> {
         let map = self.by_node.read().unwrap_or_else(|p| p.into_inner());
         map.get(node_id).cloned().unwrap_or_default()
+    }
+}
+
+/// The running state of a peer-to-peer broker, as its subscriptions and their heartbeat see it.
+pub trait Peer: Send + Sync + 'static {
+    /// The backend's name, for logs.
+    const BACKEND: &'static str;
+    /// The local subscriptions (what the endpoint delivers to).
+    fn subscriptions(&self) -> &Subscriptions;
+    /// Where subscriptions are registered.
+    fn registry(&self) -> &dyn Registry;
+    /// The registry TTL of a subscription.
+    fn register_ttl(&self) -> Duration;
+    /// How often every subscription is registered again ([`heartbeat`]).
+    fn register_interval(&self) -> Duration;
+    /// How long an unsubscribe waits for the subscription's running handlers.
+    fn drain_timeout(&self) -> Duration;
+}
+
+/// Subscribes `handler` as `service` (one node, the subscription's own id): it is added to the
+/// local subscriptions, then registered; a failed registration takes it out again.
+pub async fn subscribe<P: Peer>(
+    peer: &Arc<P>,
+    topic: &str,
+    service: Service,
+    handler: Arc<dyn Handler>,
+    options: SubscribeOptions,
+) -> Result<Box<dyn Subscriber>> {
+    let subscription = Subscription::new(topic, service.clone(), handler, options.clone());
+    peer.subscriptions().insert(Arc::clone(&subscription));
+    if let Err(e) = peer.registry().register(&service, peer.register_ttl()).await {
+        peer.subscriptions().remove(&subscription);
+        return Err(e);
+    }
+    Ok(Box::new(PeerSubscriber { topic: topic.to_string(), options, subscription, peer: Arc::downgrade(peer) }))
+}
+
+/// Registers every subscription again each `register_interval`, so that registry TTLs do not
+/// expire, until `stop` or until the broker is gone.
+pub async fn heartbeat<P: Peer>(peer: Weak<P>, stop: CancellationToken) {
+    loop {
+        let interval = match peer.upgrade() {
+            Some(peer) => peer.register_interval(),
+            None => return,
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let Some(peer) = peer.upgrade() else { return };
+        peer.subscriptions().register_all(peer.registry(), peer.register_ttl(), P::BACKEND).await;
+    }
+}
+
+/// A subscription of a peer-to-peer broker.
+struct PeerSubscriber<P: Peer> {
+    topic: String,
+    options: SubscribeOptions,
+    subscription: Arc<Subscription>,
+    peer: Weak<P>,
+}
+
+impl<P: Peer> fmt::Debug for PeerSubscriber<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscriber")
+            .field("backend", &P::BACKEND)
+            .field("topic", &self.topic)
+            .field("node_id", &self.subscription.node_id())
+            .finish()
+    }
+}
+
+#[async_trait]
+impl<P: Peer> Subscriber for PeerSubscriber<P> {
+    fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    fn options(&self) -> &SubscribeOptions {
+        &self.options
+    }
+
+    fn id(&self) -> Option<&str> {
+        Some(self.subscription.node_id())
+    }
+
+    async fn unsubscribe(&self) -> Result<()> {
+        let Some(peer) = self.peer.upgrade() else { return Ok(()) };
+        peer.subscriptions().unsubscribe(&self.subscription, peer.registry(), peer.drain_timeout()).await
     }
 }
