@@ -740,7 +740,7 @@ impl<T: Transport> Outbox<T> {
                     }
                 }
                 Outcome::Unreachable(reason) => {
-                    // A group forgets the node until it registers again and tries another; a
+                    // A group hides the node for a while (Cache::forget_node) and tries another; a
                     // broadcast node is retried until max_attempts or until its registration ends.
                     if matches!(job.target, Target::Group(_)) {
                         self.cache.forget_node(service_name, &node.id);
