@@ -166,18 +166,16 @@ struct Inner {
 /// Everything that exists while connected.
 struct Running {
     config: GrpcConfig,
-    registry: SharedRegistry,
+    /// The registry, the local subscriptions and their heartbeat.
+    peer: Arc<endpoint::Peer>,
     bound: SocketAddr,
     advertise: String,
     /// Whether the endpoint serves TLS (registered as `"secure": "true"`).
     secure: bool,
-    subscriptions: endpoint::Subscriptions,
     outbox: Arc<publish::Outbox>,
     server_stop: CancellationToken,
     server_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
-    heartbeat_stop: CancellationToken,
     handlers: TaskTracker,
-    drain_timeout: Duration,
     /// How long a publish may wait for room in a full inbox (policy `wait`).
     publish_timeout: Duration,
 }
@@ -230,7 +228,7 @@ impl GrpcBroker {
 
     /// The registry in use while connected.
     pub fn registry(&self) -> Option<SharedRegistry> {
-        self.current().map(|r| Arc::clone(&r.registry))
+        self.current().map(|r| Arc::clone(&r.peer.registry))
     }
 
     /// Publishes and waits (up to the publish timeout) for the outcome of the first delivery round:
@@ -377,19 +375,18 @@ impl Broker for GrpcBroker {
         let connector = tls::connector(config.tls.as_ref())?;
         let cache = Cache::new(Arc::clone(&registry));
         let outbox = publish::new(config.clone(), connector, cache, Arc::clone(&self.inner.counters));
+        let peer =
+            endpoint::Peer::start(NAME, registry, config.register_ttl, config.register_interval, options.drain_timeout);
         let running = Arc::new(Running {
             config,
-            registry,
+            peer,
             bound,
             advertise,
             secure,
-            subscriptions: endpoint::Subscriptions::default(),
             outbox,
             server_stop: CancellationToken::new(),
             server_task: Mutex::new(None),
-            heartbeat_stop: CancellationToken::new(),
             handlers: TaskTracker::new(),
-            drain_timeout: options.drain_timeout,
             publish_timeout: options.publish_timeout,
         });
         let task = tokio::spawn(server::serve(
@@ -400,7 +397,6 @@ impl Broker for GrpcBroker {
             running.server_stop.clone(),
         ));
         *lock(&running.server_task) = Some(task);
-        tokio::spawn(endpoint::heartbeat(Arc::downgrade(&running), running.heartbeat_stop.clone()));
         self.inner.current.set(Arc::clone(&running));
         *slot = Some(running);
         Ok(())
@@ -410,7 +406,7 @@ impl Broker for GrpcBroker {
         let mut slot = self.inner.running.lock().await;
         let Some(running) = slot.take() else { return Ok(()) };
         self.inner.current.clear();
-        let timeout = running.drain_timeout;
+        let timeout = running.peer.drain_timeout;
         let deadline = tokio::time::Instant::now() + timeout;
         // The first problem decides the error's kind; the message lists them all.
         let mut problems: Vec<Error> = Vec::new();
@@ -419,12 +415,7 @@ impl Broker for GrpcBroker {
             problems.push(e);
         }
         // 2. Leave the registry, so that publishers stop choosing us.
-        running.heartbeat_stop.cancel();
-        for service in running.subscriptions.remove_all() {
-            if let Err(e) = running.registry.deregister(&service).await {
-                problems.push(Error::new(e.kind(), format!("deregister {}: {e}", service.name)).with_source(e));
-            }
-        }
+        problems.extend(running.peer.leave().await);
         // 3. Let running handlers finish, then stop the server.
         running.handlers.close();
         if tokio::time::timeout_at(deadline, running.handlers.wait()).await.is_err() {
@@ -460,7 +451,7 @@ impl Broker for GrpcBroker {
         validate_topic(topic)?;
         CAPABILITIES.check_subscribe(NAME, &options)?;
         let service = self.node_for(&running, topic, options.queue.as_deref());
-        endpoint::subscribe(&running, topic, service, handler, options).await
+        running.peer.subscribe(topic, service, handler, options).await
     }
 
     fn name(&self) -> &'static str {
@@ -469,29 +460,5 @@ impl Broker for GrpcBroker {
 
     fn capabilities(&self) -> Capabilities {
         CAPABILITIES
-    }
-}
-
-impl endpoint::Peer for Running {
-    const BACKEND: &'static str = NAME;
-
-    fn subscriptions(&self) -> &endpoint::Subscriptions {
-        &self.subscriptions
-    }
-
-    fn registry(&self) -> &dyn broker_registry::Registry {
-        self.registry.as_ref()
-    }
-
-    fn register_ttl(&self) -> Duration {
-        self.config.register_ttl
-    }
-
-    fn register_interval(&self) -> Duration {
-        self.config.register_interval
-    }
-
-    fn drain_timeout(&self) -> Duration {
-        self.drain_timeout
     }
 }

@@ -134,7 +134,7 @@ async fn publish(running: Weak<Running>, request: Request<proto::Message>) -> st
         return Err(Status::invalid_argument("Topic not found: the message has an empty topic"));
     }
     let subscriptions: Vec<_> =
-        running.subscriptions.get(&message.id).into_iter().filter(|s| s.topic() == message.topic).collect();
+        running.peer.subscriptions.get(&message.id).into_iter().filter(|s| s.topic() == message.topic).collect();
     if subscriptions.is_empty() {
         return Err(Status::not_found(format!(
             "no subscription with id {:?} on topic {:?} here",

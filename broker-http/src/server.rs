@@ -115,7 +115,7 @@ pub(crate) async fn handle(running: Weak<Running>, request: Request<Incoming>) -
     };
     let query = Query::parse(parts.uri.query());
     let subscriptions: Vec<_> =
-        running.subscriptions.get(&query.id).into_iter().filter(|s| s.topic() == decoded.topic).collect();
+        running.peer.subscriptions.get(&query.id).into_iter().filter(|s| s.topic() == decoded.topic).collect();
     if subscriptions.is_empty() {
         return status(
             StatusCode::NOT_FOUND,

@@ -2,7 +2,7 @@
 //! subscriptions by node id, and one delivery to a handler with its acknowledgement, redelivery
 //! count and dead letter. Each backend's server decodes a request, finds the subscriptions here
 //! and answers what [`Subscription::deliver`] says (the answer is the acknowledgement). A
-//! backend's running state implements [`Peer`]; [`subscribe`] and [`heartbeat`] do the rest.
+//! connected backend holds a [`Peer`]: its subscribing, heartbeat and leaving the registry.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::common::lock;
-use crate::{Registry, Service};
+use crate::{Registry, Service, SharedRegistry};
 
 /// One local subscription, as the backend's endpoint sees it.
 pub struct Subscription {
@@ -320,46 +320,94 @@ impl Subscriptions {
     }
 }
 
-/// The running state of a peer-to-peer broker, as its subscriptions and their heartbeat see it.
-pub trait Peer: Send + Sync + 'static {
-    /// The backend's name, for logs.
-    const BACKEND: &'static str;
-    /// The local subscriptions (what the endpoint delivers to).
-    fn subscriptions(&self) -> &Subscriptions;
-    /// Where subscriptions are registered.
-    fn registry(&self) -> &dyn Registry;
-    /// The registry TTL of a subscription.
-    fn register_ttl(&self) -> Duration;
-    /// How often every subscription is registered again ([`heartbeat`]).
-    fn register_interval(&self) -> Duration;
-    /// How long an unsubscribe waits for the subscription's running handlers.
-    fn drain_timeout(&self) -> Duration;
+/// What a connected peer-to-peer broker shares with its subscriptions: the registry, the local
+/// subscriptions and how they are registered. Its heartbeat registers every subscription again
+/// each `register_interval` until [`Peer::leave`], or until the last `Arc` of it is dropped.
+pub struct Peer {
+    /// Where the subscriptions are registered.
+    pub registry: SharedRegistry,
+    /// The local subscriptions by node id (what the backend's endpoint delivers to).
+    pub subscriptions: Subscriptions,
+    /// How long an unsubscribe (and the broker's disconnect) waits for running handlers.
+    pub drain_timeout: Duration,
+    backend: &'static str,
+    register_ttl: Duration,
+    register_interval: Duration,
+    heartbeat_stop: CancellationToken,
 }
 
-/// Subscribes `handler` as `service` (one node, the subscription's own id): it is added to the
-/// local subscriptions, then registered; a failed registration takes it out again.
-pub async fn subscribe<P: Peer>(
-    peer: &Arc<P>,
-    topic: &str,
-    service: Service,
-    handler: Arc<dyn Handler>,
-    options: SubscribeOptions,
-) -> Result<Box<dyn Subscriber>> {
-    let subscription = Subscription::new(topic, service.clone(), handler, options.clone());
-    peer.subscriptions().insert(Arc::clone(&subscription));
-    if let Err(e) = peer.registry().register(&service, peer.register_ttl()).await {
-        peer.subscriptions().remove(&subscription);
-        return Err(e);
+impl Peer {
+    /// A peer of `backend` over `registry`, its heartbeat started (on the current Tokio runtime).
+    pub fn start(
+        backend: &'static str,
+        registry: SharedRegistry,
+        register_ttl: Duration,
+        register_interval: Duration,
+        drain_timeout: Duration,
+    ) -> Arc<Peer> {
+        let peer = Arc::new(Peer {
+            registry,
+            subscriptions: Subscriptions::default(),
+            drain_timeout,
+            backend,
+            register_ttl,
+            register_interval,
+            heartbeat_stop: CancellationToken::new(),
+        });
+        tokio::spawn(heartbeat(Arc::downgrade(&peer), peer.heartbeat_stop.clone()));
+        peer
     }
-    Ok(Box::new(PeerSubscriber { topic: topic.to_string(), options, subscription, peer: Arc::downgrade(peer) }))
+
+    /// Subscribes `handler` as `service` (one node, the subscription's own id): it is added to
+    /// the local subscriptions, then registered; a failed registration takes it out again.
+    pub async fn subscribe(
+        self: &Arc<Self>,
+        topic: &str,
+        service: Service,
+        handler: Arc<dyn Handler>,
+        options: SubscribeOptions,
+    ) -> Result<Box<dyn Subscriber>> {
+        let subscription = Subscription::new(topic, service.clone(), handler, options.clone());
+        self.subscriptions.insert(Arc::clone(&subscription));
+        if let Err(e) = self.registry.register(&service, self.register_ttl).await {
+            self.subscriptions.remove(&subscription);
+            return Err(e);
+        }
+        let peer = Arc::downgrade(self);
+        Ok(Box::new(PeerSubscriber { backend: self.backend, topic: topic.to_string(), options, subscription, peer }))
+    }
+
+    /// Stops the heartbeat and takes every subscription out of the registry, so that publishers
+    /// stop choosing this broker; returns one error per failed deregistration.
+    pub async fn leave(&self) -> Vec<Error> {
+        self.heartbeat_stop.cancel();
+        let mut problems = Vec::new();
+        for service in self.subscriptions.remove_all() {
+            if let Err(e) = self.registry.deregister(&service).await {
+                problems.push(Error::new(e.kind(), format!("deregister {}: {e}", service.name)).with_source(e));
+            }
+        }
+        problems
+    }
+}
+
+impl fmt::Debug for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Peer")
+            .field("backend", &self.backend)
+            .field("registry", &self.registry)
+            .field("register_ttl", &self.register_ttl)
+            .field("register_interval", &self.register_interval)
+            .finish()
+    }
 }
 
 /// Registers every subscription again each `register_interval`, so that registry TTLs do not
-/// expire, until `stop` or until the broker is gone.
-pub async fn heartbeat<P: Peer>(peer: Weak<P>, stop: CancellationToken) {
+/// expire, until `stop` or until the peer is gone.
+async fn heartbeat(peer: Weak<Peer>, stop: CancellationToken) {
     loop {
         let interval = match peer.upgrade() {
-            Some(peer) => peer.register_interval(),
+            Some(peer) => peer.register_interval,
             None => return,
         };
         tokio::select! {
@@ -367,22 +415,23 @@ pub async fn heartbeat<P: Peer>(peer: Weak<P>, stop: CancellationToken) {
             _ = tokio::time::sleep(interval) => {}
         }
         let Some(peer) = peer.upgrade() else { return };
-        peer.subscriptions().register_all(peer.registry(), peer.register_ttl(), P::BACKEND).await;
+        peer.subscriptions.register_all(peer.registry.as_ref(), peer.register_ttl, peer.backend).await;
     }
 }
 
 /// A subscription of a peer-to-peer broker.
-struct PeerSubscriber<P: Peer> {
+struct PeerSubscriber {
+    backend: &'static str,
     topic: String,
     options: SubscribeOptions,
     subscription: Arc<Subscription>,
-    peer: Weak<P>,
+    peer: Weak<Peer>,
 }
 
-impl<P: Peer> fmt::Debug for PeerSubscriber<P> {
+impl fmt::Debug for PeerSubscriber {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Subscriber")
-            .field("backend", &P::BACKEND)
+            .field("backend", &self.backend)
             .field("topic", &self.topic)
             .field("node_id", &self.subscription.node_id())
             .finish()
@@ -390,7 +439,7 @@ impl<P: Peer> fmt::Debug for PeerSubscriber<P> {
 }
 
 #[async_trait]
-impl<P: Peer> Subscriber for PeerSubscriber<P> {
+impl Subscriber for PeerSubscriber {
     fn topic(&self) -> &str {
         &self.topic
     }
@@ -405,6 +454,6 @@ impl<P: Peer> Subscriber for PeerSubscriber<P> {
 
     async fn unsubscribe(&self) -> Result<()> {
         let Some(peer) = self.peer.upgrade() else { return Ok(()) };
-        peer.subscriptions().unsubscribe(&self.subscription, peer.registry(), peer.drain_timeout()).await
+        peer.subscriptions.unsubscribe(&self.subscription, peer.registry.as_ref(), peer.drain_timeout).await
     }
 }
