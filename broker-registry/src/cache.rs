@@ -192,20 +192,23 @@ impl fmt::Debug for Cache {
 
 impl State {
     fn visible(&self, name: &str, services: &[Service]) -> Vec<Service> {
+        // Usually no node is hidden: then no clock read on this path (every dispatch round).
+        if self.forgotten.is_empty() {
+            return services.to_vec();
+        }
         self.visible_at(name, services, Instant::now())
     }
 
+    /// [`State::visible`] at `now`, with the hidden nodes left out.
     fn visible_at(&self, name: &str, services: &[Service], now: Instant) -> Vec<Service> {
         let mut services = services.to_vec();
-        if !self.forgotten.is_empty() {
-            let hidden = |id: &str| {
-                self.forgotten.get(&(name.to_owned(), id.to_owned())).is_some_and(|node| node.hidden_until > now)
-            };
-            for service in &mut services {
-                service.nodes.retain(|node| !hidden(&node.id));
-            }
-            services.retain(|service| !service.nodes.is_empty());
+        let hidden = |id: &str| {
+            self.forgotten.get(&(name.to_owned(), id.to_owned())).is_some_and(|node| node.hidden_until > now)
+        };
+        for service in &mut services {
+            service.nodes.retain(|node| !hidden(&node.id));
         }
+        services.retain(|service| !service.nodes.is_empty());
         services
     }
 
