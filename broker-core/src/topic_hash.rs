@@ -2,9 +2,10 @@
 
 /// For backends: the hasher of maps keyed by topic names that a publish looks up (the memory
 /// backend's topics, the nats backend's subjects): a word-at-a-time multiplicative hash
-/// (FxHash's), a fraction of SipHash's cost for a topic name. Only for keys the application
-/// chose (flooding such a map with colliding keys would take publishing or subscribing to them),
-/// never for keys from the network.
+/// (FxHash's), a fraction of SipHash's cost for a topic name. Only for maps whose keys the
+/// application or this process chose (flooding such a map with colliding keys would take
+/// publishing or subscribing to them); looking a key from the network up in such a map is fine,
+/// inserting keys from the network is not.
 ///
 /// ```
 /// use std::collections::HashMap;
