@@ -60,6 +60,26 @@ fn memory_baseline_reports_ratios() {
 }
 
 #[test]
+fn calibration_runs_raw_against_raw() {
+    let json = bench(&["--broker", "memory", "--count", "200", "--baseline", "--rounds", "2", "--calibrate"]);
+    assert_eq!(json["calibration"], true, "{json}");
+    assert_eq!(json["runs"], 2, "{json}");
+    assert_eq!(json["raw"]["runs"], 2, "{json}");
+    assert!(json["ratio"]["e2e"]["median"].as_f64().is_some(), "{json}");
+}
+
+#[test]
+fn calibration_needs_a_baseline() {
+    let output = Command::new(env!("CARGO_BIN_EXE_broker"))
+        .args(["bench", "--broker", "memory", "--count", "10", "--calibrate"])
+        .output()
+        .expect("the broker binary runs");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--baseline"), "{stderr}");
+}
+
+#[test]
 fn latency_mode_and_queue_groups_run() {
     let json = bench(&["--broker", "memory", "--count", "200", "--latency", "--subscribers", "3", "--queue", "q"]);
     assert_eq!(json["latency_mode"], true);

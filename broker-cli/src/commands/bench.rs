@@ -85,6 +85,10 @@ pub(crate) struct BenchArgs {
     /// Also run the raw client library doing the same work, and print ours/raw.
     #[arg(long)]
     baseline: bool,
+    /// With --baseline: the raw client on both sides (raw against raw), so that the ratio and its
+    /// spread show how far this machine's noise alone moves a ratio that should be 1.
+    #[arg(long, requires = "baseline")]
+    calibrate: bool,
     /// Rounds of ours + raw with --baseline (interleaved, alternating which goes first).
     #[arg(long, value_name = "R", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
     rounds: u64,
@@ -618,6 +622,7 @@ pub(crate) fn run(broker_args: &BrokerArgs, args: BenchArgs) -> Result<(), CliEr
         return Err(CliError::Failed("--latency sends one message at a time: use it with --publishers 1".into()));
     }
     let rounds = if args.baseline { args.rounds } else { 1 };
+    let label = |is_raw: bool| side_names(args.calibrate)[usize::from(is_raw)];
     let results = crate::block_on(async {
         let mut ours = Vec::new();
         let mut raw = Vec::new();
@@ -627,7 +632,8 @@ pub(crate) fn run(broker_args: &BrokerArgs, args: BenchArgs) -> Result<(), CliEr
                 let mut workload = workload.clone();
                 let tag = if raw_first { "raw" } else { "ours" };
                 workload.topics = workload.topics.iter().map(|t| format!("{t}.r{round}{tag}")).collect();
-                async move { if raw_first { run_raw(&workload).await } else { run_ours(broker_args, &workload).await } }
+                let raw_run = raw_first || args.calibrate;
+                async move { if raw_run { run_raw(&workload).await } else { run_ours(broker_args, &workload).await } }
             };
             let order: &[bool] = if !args.baseline {
                 &[false]
@@ -640,24 +646,35 @@ pub(crate) fn run(broker_args: &BrokerArgs, args: BenchArgs) -> Result<(), CliEr
                 let outcome = run_one(is_raw).await.map_err(|e| {
                     CliError::Failed(format!("{} run failed: {e}", if is_raw { "the raw baseline" } else { "our" }))
                 })?;
-                eprintln!("{}", round_line(round, is_raw, &outcome));
+                eprintln!("{}", round_line(round, label(is_raw), &outcome));
                 if is_raw { raw.push(outcome) } else { ours.push(outcome) }
             }
         }
         Ok::<_, CliError>((ours, raw))
     })??;
     let (ours, raw) = results;
-    let report = Report { workload: &workload, ours: &ours, raw: &raw, peak_rss_kib: peak_rss_kib() };
+    let report = Report {
+        workload: &workload,
+        ours: &ours,
+        raw: &raw,
+        calibration: args.calibrate,
+        peak_rss_kib: peak_rss_kib(),
+    };
     print!("{}", report.table());
     println!("{}", report.json());
     Ok(())
 }
 
-fn round_line(round: u64, raw: bool, o: &Outcome) -> String {
+/// The names of the two sides of a run: ours and raw, or (`--calibrate`) two runs of raw.
+fn side_names(calibration: bool) -> [&'static str; 2] {
+    if calibration { ["raw A", "raw B"] } else { ["ours", "raw"] }
+}
+
+fn round_line(round: u64, side: &str, o: &Outcome) -> String {
     format!(
-        "round {} {:4}: publish {:>10.0} msg/s, e2e {:>10.0} msg/s, p99 {} µs, lost {}, dup {}",
+        "round {} {:5}: publish {:>10.0} msg/s, e2e {:>10.0} msg/s, p99 {} µs, lost {}, dup {}",
         round + 1,
-        if raw { "raw" } else { "ours" },
+        side,
         o.publish_rate(),
         o.e2e_rate(),
         o.p99_us.map_or("-".into(), |v| format!("{v:.0}")),
@@ -696,6 +713,8 @@ struct Report<'a> {
     workload: &'a Workload,
     ours: &'a [Outcome],
     raw: &'a [Outcome],
+    /// `--calibrate`: `ours` holds runs of the raw client too.
+    calibration: bool,
     peak_rss_kib: Option<u64>,
 }
 
@@ -747,6 +766,12 @@ impl Report<'_> {
         if !self.raw.is_empty() && raw_like_ours() {
             if let Some(object) = value.as_object_mut() {
                 object.insert("raw_like_ours".into(), true.into());
+            }
+        }
+        if self.calibration {
+            // The top-level figures are then those of raw A, and the ratio raw A / raw B.
+            if let Some(object) = value.as_object_mut() {
+                object.insert("calibration".into(), true.into());
             }
         }
         let ours = Self::summary(self.ours);
@@ -807,14 +832,15 @@ impl Report<'_> {
             "{:<6} {:>14} {:>14} {:>9} {:>9} {:>9} {:>6} {:>6}\n",
             "", "publish msg/s", "e2e msg/s", "p50 µs", "p99 µs", "p99.9 µs", "lost", "dup"
         ));
-        out.push_str(&row("ours", self.ours));
+        let [ours_name, raw_name] = side_names(self.calibration);
+        out.push_str(&row(ours_name, self.ours));
         if !self.raw.is_empty() {
-            out.push_str(&row("raw", self.raw));
+            out.push_str(&row(raw_name, self.raw));
             let f = |v: Option<(f64, f64, f64)>, unit: &str| {
                 v.map_or("-".into(), |(a, b, c)| format!("{b:.3}{unit} (min {a:.3}, max {c:.3})"))
             };
             out.push_str(&format!(
-                "ours/raw over {} round(s): publish {} · e2e {} · added p99 {}\n",
+                "{ours_name}/{raw_name} over {} round(s): publish {} · e2e {} · added p99 {}\n",
                 self.ours.len().min(self.raw.len()),
                 f(self.ratios(Outcome::publish_rate), ""),
                 f(self.ratios(Outcome::e2e_rate), ""),
