@@ -644,7 +644,14 @@ pub(crate) fn run(broker_args: &BrokerArgs, args: BenchArgs) -> Result<(), CliEr
             };
             for &is_raw in order {
                 let outcome = run_one(is_raw).await.map_err(|e| {
-                    CliError::Failed(format!("{} run failed: {e}", if is_raw { "the raw baseline" } else { "our" }))
+                    let what = if args.calibrate {
+                        label(is_raw)
+                    } else if is_raw {
+                        "the raw baseline"
+                    } else {
+                        "our"
+                    };
+                    CliError::Failed(format!("{what} run failed: {e}"))
                 })?;
                 eprintln!("{}", round_line(round, label(is_raw), &outcome));
                 if is_raw { raw.push(outcome) } else { ours.push(outcome) }
