@@ -9,8 +9,13 @@ const LIMIT: Duration = Duration::from_secs(120);
 
 /// Runs `broker bench ARGS` (selection variables cleared) and returns its last stdout line as JSON.
 fn bench(args: &[&str]) -> serde_json::Value {
+    bench_with(&[], args)
+}
+
+/// [`bench`] with environment variables `env` set.
+fn bench_with(env: &[(&str, &str)], args: &[&str]) -> serde_json::Value {
     let mut command = Command::new(env!("CARGO_BIN_EXE_broker"));
-    command.arg("bench").args(args);
+    command.arg("bench").args(args).envs(env.iter().copied());
     for var in ["MICRO_BROKER", "MICRO_BROKER_ADDRESS", "MICRO_REGISTRY", "MICRO_REGISTRY_ADDRESS"] {
         command.env_remove(var);
     }
@@ -66,6 +71,29 @@ fn calibration_runs_raw_against_raw() {
     assert_eq!(json["runs"], 2, "{json}");
     assert_eq!(json["raw"]["runs"], 2, "{json}");
     assert!(json["ratio"]["e2e"]["median"].as_f64().is_some(), "{json}");
+}
+
+#[test]
+fn raw_floor_delivers_ours_envelopes_through_the_contract() {
+    // The raw http pair then posts Go Micro envelopes and hands each decoded one to a handler:
+    // a body that did not decode would be answered 400 and lost.
+    let json =
+        bench_with(&[("BENCH_RAW_FLOOR", "1")], &["--broker", "http", "--count", "200", "--baseline", "--rounds", "1"]);
+    assert_eq!(json["raw_floor"], true, "{json}");
+    assert_eq!(json["raw"]["lost"], 0, "{json}");
+    assert_eq!(json["raw"]["runs"], 1, "{json}");
+}
+
+#[test]
+fn raw_floor_is_refused_where_there_is_none() {
+    let output = Command::new(env!("CARGO_BIN_EXE_broker"))
+        .args(["bench", "--broker", "memory", "--count", "10", "--baseline", "--rounds", "1"])
+        .env("BENCH_RAW_FLOOR", "1")
+        .output()
+        .expect("the broker binary runs");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("BENCH_RAW_FLOOR"), "{stderr}");
 }
 
 #[test]

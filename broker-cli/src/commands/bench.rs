@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use clap::Args;
 use futures::StreamExt;
-use micro_broker::{BoxError, Broker, Event, Message, PublishOptions, SubscribeOptions, handler_fn};
+use micro_broker::{BoxError, Broker, Event, Handler, Message, PublishOptions, SubscribeOptions, handler_fn};
 use tokio::sync::Notify;
 
 use crate::cli::{BrokerArgs, parse_seconds};
@@ -534,12 +534,7 @@ async fn run_ours(broker_args: &BrokerArgs, workload: &Workload) -> Result<Outco
     let result = async {
         for s in 0..workload.subscribers {
             for topic in &workload.topics {
-                let slot = workload.slot(s);
-                let recorder = Arc::clone(&recorder);
-                let handler = handler_fn(move |event: Event| {
-                    recorder.record(slot, event.message().body());
-                    async { Ok(()) }
-                });
+                let handler = recording_handler(&recorder, workload.slot(s));
                 let mut options = SubscribeOptions::new().with_concurrency(workload.concurrency);
                 if let Some(queue) = &workload.queue {
                     options = options.with_queue(queue.as_str());
@@ -572,6 +567,11 @@ async fn run_ours(broker_args: &BrokerArgs, workload: &Workload) -> Result<Outco
 /// One run of the raw client library for `workload.backend`.
 async fn run_raw(workload: &Workload) -> Result<Outcome, BoxError> {
     let recorder = Arc::new(Recorder::new(workload));
+    let jetstream = workload.param("jetstream").is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+    let has_floor = matches!(workload.backend.as_str(), "nats" | "redis" | "http") && !jetstream;
+    if raw_floor() && !has_floor {
+        return Err("BENCH_RAW_FLOOR=1 has a floor for nats (core), redis (Pub/Sub) and http only".into());
+    }
     match workload.backend.as_str() {
         "memory" => memory::run(workload, recorder).await,
         "http" => http::run(workload, recorder).await,
@@ -594,6 +594,61 @@ async fn run_raw(workload: &Workload) -> Result<Outcome, BoxError> {
 /// entry; memory: a task per delivery), so that the ratio shows how much of the gap that habit is.
 pub(crate) fn raw_like_ours() -> bool {
     std::env::var("BENCH_RAW_LIKE_OURS").is_ok_and(|v| v.trim() == "1")
+}
+
+/// `BENCH_RAW_FLOOR=1`: a diagnosis, not a baseline. The raw baselines of nats (core), redis
+/// (Pub/Sub) and http then also do, per message, what any implementation of our contract and of
+/// the backend's wire format has to do on top of the client: the publish made of a [`Message`]
+/// and [`PublishOptions`] and run as a boxed future (as `async_trait` boxes `Broker::publish`);
+/// the wire format where it is not the bare body (redis Pub/Sub and http: Go Micro's envelope,
+/// encoded and decoded by [`micro_broker::codec`], http with its topic header); each delivery an
+/// [`Event`] given to the same recording handler as ours through [`micro_broker::run_handler`]
+/// (its boxed future, the panic guard, the ack). ours / floor is then what our implementations
+/// add; floor / raw what the contract and the wire format cost (BENCHMARKS.md).
+pub(crate) fn raw_floor() -> bool {
+    std::env::var("BENCH_RAW_FLOOR").is_ok_and(|v| v.trim() == "1")
+}
+
+/// The handler of every subscription of ours (and of the raw floor, [`raw_floor`]): records the
+/// delivery in `slot`.
+fn recording_handler(recorder: &Arc<Recorder>, slot: usize) -> Arc<dyn Handler> {
+    let recorder = Arc::clone(recorder);
+    handler_fn(move |event: Event| {
+        recorder.record(slot, event.message().body());
+        async { Ok(()) }
+    })
+}
+
+/// The delivery side of [`raw_floor`]: one subscriber's handler, run as ours run theirs.
+pub(crate) struct Floor {
+    handler: Arc<dyn Handler>,
+}
+
+impl Floor {
+    pub(crate) fn new(recorder: &Arc<Recorder>, slot: usize) -> Self {
+        Floor { handler: recording_handler(recorder, slot) }
+    }
+
+    /// One delivery as the contract makes it: an event of `topic` handed to the handler.
+    pub(crate) async fn deliver(&self, topic: &Arc<str>, message: Message) {
+        let event = Event::builder(Arc::clone(topic), message).build();
+        let _ = micro_broker::run_handler(self.handler.as_ref(), event, true).await;
+    }
+}
+
+/// The publish side of [`raw_floor`]: `send` of a [`Message`] (made here, with its
+/// [`PublishOptions`], as ours' caller makes them) run as a boxed future, as `Broker::publish` is.
+pub(crate) async fn publish_as_contract<'a, F, Fut>(body: Bytes, send: F) -> Result<(), BoxError>
+where
+    F: FnOnce(Message) -> Fut + Send + 'a,
+    Fut: Future<Output = Result<(), BoxError>> + Send + 'a,
+{
+    let (message, options) = (Message::new(body), PublishOptions::default());
+    let publish: std::pin::Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send + 'a>> = Box::pin(async move {
+        let _options = options;
+        send(message).await
+    });
+    publish.await
 }
 
 /// Parses the arguments, runs, prints the table and the JSON line.
@@ -773,6 +828,11 @@ impl Report<'_> {
         if !self.raw.is_empty() && raw_like_ours() {
             if let Some(object) = value.as_object_mut() {
                 object.insert("raw_like_ours".into(), true.into());
+            }
+        }
+        if !self.raw.is_empty() && raw_floor() {
+            if let Some(object) = value.as_object_mut() {
+                object.insert("raw_floor".into(), true.into());
             }
         }
         if self.calibration {

@@ -4,7 +4,8 @@
 //! the end (and after each probe / each message in latency mode), which is what a raw async-nats
 //! user does. The subscription buffer is the client's default (65,536), as ours.
 //! `BENCH_RAW_LIKE_OURS=1` makes the raw publisher flush after every publish, as ours does: a
-//! diagnosis of what that flush costs (BENCHMARKS.md).
+//! diagnosis of what that flush costs (BENCHMARKS.md). `BENCH_RAW_FLOOR=1`: publishes and
+//! deliveries also go through what the contract costs ([`super::raw_floor`]; the wire is the same).
 //! With `--param jetstream=true`: [`run_jetstream`].
 
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use std::sync::Arc;
 use async_nats::Subject;
 use bytes::Bytes;
 use futures::StreamExt;
-use micro_broker::BoxError;
+use micro_broker::{BoxError, Message};
 
 use super::{Outcome, Recorder, Sink, Workload, drive};
 
@@ -24,11 +25,20 @@ struct Publisher {
     subjects: Vec<Subject>,
     /// Diagnosis (`BENCH_RAW_LIKE_OURS=1`): flush after every publish, as our backend does.
     flush_each: bool,
+    /// Diagnosis (`BENCH_RAW_FLOOR=1`): each publish as the contract makes it.
+    floor: bool,
 }
 
 impl Sink for Publisher {
     async fn send(&self, topic: usize, body: Bytes) -> Result<(), BoxError> {
         let subject = self.subjects.get(topic).ok_or("no such topic")?.clone();
+        if self.floor {
+            let client = &self.client;
+            return super::publish_as_contract(body, |message| async move {
+                Ok(client.publish(subject, message.body).await?)
+            })
+            .await;
+        }
         self.client.publish(subject, body).await?;
         if self.flush_each {
             self.client.flush().await?;
@@ -59,6 +69,20 @@ pub(crate) async fn run(workload: &Workload, recorder: Arc<Recorder>) -> Result<
             });
         }
         let (recorder, slot) = (Arc::clone(&recorder), workload.slot(s));
+        if super::raw_floor() {
+            let floor = super::Floor::new(&recorder, slot);
+            let tagged = subscriptions.into_iter().zip(&workload.topics).map(|(subscription, topic)| {
+                let topic: Arc<str> = topic.as_str().into();
+                subscription.map(move |message| (Arc::clone(&topic), message))
+            });
+            let mut all = futures::stream::select_all(tagged);
+            readers.push(tokio::spawn(async move {
+                while let Some((topic, message)) = all.next().await {
+                    floor.deliver(&topic, Message::new(message.payload)).await;
+                }
+            }));
+            continue;
+        }
         readers.push(tokio::spawn(async move {
             let mut all = futures::stream::select_all(subscriptions);
             while let Some(message) = all.next().await {
@@ -68,8 +92,8 @@ pub(crate) async fn run(workload: &Workload, recorder: Arc<Recorder>) -> Result<
     }
     subscriber.flush().await?;
     let subjects = workload.topics.iter().map(|t| Subject::from(t.as_str())).collect();
-    let flush_each = super::raw_like_ours();
-    let sink = Arc::new(Publisher { client: publisher.clone(), subjects, flush_each });
+    let (flush_each, floor) = (super::raw_like_ours(), super::raw_floor());
+    let sink = Arc::new(Publisher { client: publisher.clone(), subjects, flush_each, floor });
     let outcome = drive(sink, workload, &recorder).await;
     for reader in readers {
         reader.abort();

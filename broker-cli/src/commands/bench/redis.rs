@@ -13,12 +13,16 @@
 //! PUBLISH and in the message each subscriber receives; ours also base64-encodes and -decodes
 //! the body. For Streams both sides send the bare body in the field `body` (ours with no header
 //! fields when the message has none).
+//! `BENCH_RAW_FLOOR=1` (Pub/Sub): publishes and deliveries also go through what the contract
+//! costs and carry ours' envelope ([`super::raw_floor`]).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use micro_broker::BoxError;
+use micro_broker::{BoxError, codec};
+use redis::RedisWrite as _;
 use redis::aio::MultiplexedConnection;
 use redis::streams::StreamReadReply;
 
@@ -40,6 +44,8 @@ struct Publisher {
     conn: MultiplexedConnection,
     topics: Vec<String>,
     streams: bool,
+    /// Diagnosis (`BENCH_RAW_FLOOR=1`, Pub/Sub): each publish as the contract makes it, in ours' envelope.
+    floor: bool,
 }
 
 impl Sink for Publisher {
@@ -50,6 +56,17 @@ impl Sink for Publisher {
             let mut cmd = redis::cmd("XADD");
             cmd.arg(topic).arg("MAXLEN").arg("~").arg(MAXLEN).arg("*").arg("body").arg(body.as_ref());
             let _id: String = cmd.query_async(&mut conn).await?;
+        } else if self.floor {
+            return super::publish_as_contract(body, |message| async move {
+                // Sized up front, as ours does: no regrowth of the command's buffer.
+                let envelope_len = codec::envelope_len(&message, None);
+                let mut cmd = redis::Cmd::with_capacity(3, "PUBLISH".len() + topic.len() + envelope_len);
+                cmd.arg("PUBLISH").arg(topic);
+                codec::write_envelope(&mut cmd.writer_for_next_arg(), &message, None)?;
+                let _receivers: i64 = cmd.query_async(&mut conn).await?;
+                Ok(())
+            })
+            .await;
         } else {
             let _receivers: i64 = redis::cmd("PUBLISH").arg(topic).arg(body.as_ref()).query_async(&mut conn).await?;
         }
@@ -63,6 +80,7 @@ pub(crate) async fn run_pubsub(workload: &Workload, recorder: Arc<Recorder>) -> 
         return Err("redis Pub/Sub has no queue groups".into());
     }
     let client = client(workload)?;
+    let floor = super::raw_floor();
     let mut readers = Vec::new();
     for s in 0..workload.subscribers {
         let mut pubsub = client.get_async_pubsub().await?;
@@ -70,6 +88,23 @@ pub(crate) async fn run_pubsub(workload: &Workload, recorder: Arc<Recorder>) -> 
             pubsub.subscribe(topic).await?;
         }
         let (recorder, slot) = (Arc::clone(&recorder), workload.slot(s));
+        if floor {
+            let floor = super::Floor::new(&recorder, slot);
+            let topics: HashMap<String, Arc<str>> =
+                workload.topics.iter().map(|t| (t.clone(), t.as_str().into())).collect();
+            readers.push(tokio::spawn(async move {
+                let mut messages = pubsub.into_on_message();
+                while let Some(message) = messages.next().await {
+                    let (Some(topic), Ok(decoded)) =
+                        (topics.get(message.get_channel_name()), codec::decode_envelope(message.get_payload_bytes()))
+                    else {
+                        continue;
+                    };
+                    floor.deliver(topic, decoded).await;
+                }
+            }));
+            continue;
+        }
         readers.push(tokio::spawn(async move {
             let mut messages = pubsub.into_on_message();
             while let Some(message) = messages.next().await {
@@ -78,7 +113,7 @@ pub(crate) async fn run_pubsub(workload: &Workload, recorder: Arc<Recorder>) -> 
         }));
     }
     let conn = client.get_multiplexed_async_connection().await?;
-    let sink = Arc::new(Publisher { conn, topics: workload.topics.clone(), streams: false });
+    let sink = Arc::new(Publisher { conn, topics: workload.topics.clone(), streams: false, floor });
     let outcome = drive(sink, workload, &recorder).await;
     for reader in readers {
         reader.abort();
@@ -152,7 +187,7 @@ pub(crate) async fn run_streams(workload: &Workload, recorder: Arc<Recorder>) ->
             }
         }));
     }
-    let sink = Arc::new(Publisher { conn: conn.clone(), topics: workload.topics.clone(), streams: true });
+    let sink = Arc::new(Publisher { conn: conn.clone(), topics: workload.topics.clone(), streams: true, floor: false });
     let outcome = drive(sink, workload, &recorder).await;
     for reader in readers {
         reader.abort();
