@@ -87,13 +87,15 @@ fn raw_floor_delivers_ours_envelopes_through_the_contract() {
 #[test]
 fn raw_floor_is_refused_where_there_is_none() {
     let output = Command::new(env!("CARGO_BIN_EXE_broker"))
-        .args(["bench", "--broker", "memory", "--count", "10", "--baseline", "--rounds", "1"])
+        .args(["bench", "--broker", "memory", "--topics", "2", "--count", "10", "--baseline", "--rounds", "1"])
         .env("BENCH_RAW_FLOOR", "1")
         .output()
         .expect("the broker binary runs");
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("BENCH_RAW_FLOOR"), "{stderr}");
+    assert!(stderr.contains("BENCH_RAW_FLOOR=1 with memory: one topic only"), "{stderr}");
+    // Refused before any run: no round was printed.
+    assert!(!stderr.contains("round 1"), "{stderr}");
 }
 
 #[test]

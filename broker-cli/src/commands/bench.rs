@@ -567,11 +567,6 @@ async fn run_ours(broker_args: &BrokerArgs, workload: &Workload) -> Result<Outco
 /// One run of the raw client library for `workload.backend`.
 async fn run_raw(workload: &Workload) -> Result<Outcome, BoxError> {
     let recorder = Arc::new(Recorder::new(workload));
-    let jetstream = workload.param("jetstream").is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
-    let has_floor = matches!(workload.backend.as_str(), "nats" | "redis" | "http") && !jetstream;
-    if raw_floor() && !has_floor {
-        return Err("BENCH_RAW_FLOOR=1 has a floor for nats (core), redis (Pub/Sub) and http only".into());
-    }
     match workload.backend.as_str() {
         "memory" => memory::run(workload, recorder).await,
         "http" => http::run(workload, recorder).await,
@@ -596,8 +591,8 @@ pub(crate) fn raw_like_ours() -> bool {
     std::env::var("BENCH_RAW_LIKE_OURS").is_ok_and(|v| v.trim() == "1")
 }
 
-/// `BENCH_RAW_FLOOR=1`: a diagnosis, not a baseline. The raw baselines of nats (core), redis
-/// (Pub/Sub) and http then also do, per message, what any implementation of our contract and of
+/// `BENCH_RAW_FLOOR=1`: a diagnosis, not a baseline. The raw baselines of memory (one topic),
+/// nats (core), redis (Pub/Sub) and http then also do, per message, what any implementation of our contract and of
 /// the backend's wire format has to do on top of the client: the publish made of a [`Message`]
 /// and [`PublishOptions`] and run as a boxed future (as `async_trait` boxes `Broker::publish`);
 /// the wire format where it is not the bare body (redis Pub/Sub and http: Go Micro's envelope,
@@ -607,6 +602,17 @@ pub(crate) fn raw_like_ours() -> bool {
 /// add; floor / raw what the contract and the wire format cost (BENCHMARKS.md).
 pub(crate) fn raw_floor() -> bool {
     std::env::var("BENCH_RAW_FLOOR").is_ok_and(|v| v.trim() == "1")
+}
+
+/// Where [`raw_floor`] has no floor, the reason; checked before any run.
+fn raw_floor_refusal(workload: &Workload) -> Option<&'static str> {
+    let jetstream = workload.param("jetstream").is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+    if !matches!(workload.backend.as_str(), "memory" | "nats" | "redis" | "http") || jetstream {
+        return Some("BENCH_RAW_FLOOR=1 has a floor for memory, nats (core), redis (Pub/Sub) and http only");
+    }
+    // The memory baseline's channels carry bodies only: its events get the one topic there is.
+    (workload.backend == "memory" && workload.topics.len() != 1)
+        .then_some("BENCH_RAW_FLOOR=1 with memory: one topic only (--topics 1)")
 }
 
 /// The handler of every subscription of ours (and of the raw floor, [`raw_floor`]): records the
@@ -675,6 +681,11 @@ pub(crate) fn run(broker_args: &BrokerArgs, args: BenchArgs) -> Result<(), CliEr
     };
     if args.latency && args.publishers != 1 {
         return Err(CliError::Failed("--latency sends one message at a time: use it with --publishers 1".into()));
+    }
+    if args.baseline && raw_floor() {
+        if let Some(refusal) = raw_floor_refusal(&workload) {
+            return Err(CliError::Failed(refusal.into()));
+        }
     }
     let rounds = if args.baseline { args.rounds } else { 1 };
     let label = |is_raw: bool| side_names(args.calibrate)[usize::from(is_raw)];

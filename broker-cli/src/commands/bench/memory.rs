@@ -3,14 +3,15 @@
 //! messages as ours' buffer does (the same settings): `--param buffer_size=N` when given, else
 //! ours' default of 1,024 ([`DEFAULT_BUFFER_SIZE`]). (Until 2026-12-02 it was 65,536 whatever
 //! ours had.) `BENCH_RAW_LIKE_OURS=1` (diagnosis) runs each delivery in a task of its own, as
-//! ours does at `--concurrency` above 1.
+//! ours does at `--concurrency` above 1. `BENCH_RAW_FLOOR=1` (one topic): publishes and
+//! deliveries also go through what the contract costs ([`super::raw_floor`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
-use micro_broker::BoxError;
 use micro_broker::memory::{DEFAULT_BUFFER_SIZE, PARAM_BUFFER_SIZE};
+use micro_broker::{BoxError, Message};
 use tokio::sync::mpsc;
 
 use super::{Outcome, Recorder, Sink, Workload, drive};
@@ -32,10 +33,22 @@ struct Channels {
     /// Queue groups: round robin over the members.
     next: AtomicU64,
     group: bool,
+    /// Diagnosis (`BENCH_RAW_FLOOR=1`): each publish as the contract makes it.
+    floor: bool,
 }
 
 impl Sink for Channels {
-    async fn send(&self, _topic: usize, body: Bytes) -> Result<(), BoxError> {
+    async fn send(&self, topic: usize, body: Bytes) -> Result<(), BoxError> {
+        if self.floor {
+            return super::publish_as_contract(body, |message| self.send_body(topic, message.body)).await;
+        }
+        self.send_body(topic, body).await
+    }
+}
+
+impl Channels {
+    /// `body` to the member whose turn it is (queue group), or to each subscriber.
+    async fn send_body(&self, _topic: usize, body: Bytes) -> Result<(), BoxError> {
         if self.group {
             let n = self.next.fetch_add(1, Ordering::Relaxed) as usize % self.senders.len();
             let sender = self.senders.get(n).ok_or("no subscriber")?;
@@ -51,6 +64,12 @@ impl Sink for Channels {
 /// One run over mpsc channels.
 pub(crate) async fn run(workload: &Workload, recorder: Arc<Recorder>) -> Result<Outcome, BoxError> {
     let capacity = capacity(workload)?;
+    // Diagnosis: the channels carry bodies only; the floor's events get the one topic (checked
+    // before the runs, `raw_floor_refusal`).
+    let floor = match (super::raw_floor(), workload.topics.as_slice()) {
+        (true, [topic]) => Some(Arc::<str>::from(topic.as_str())),
+        _ => None,
+    };
     let mut senders = Vec::new();
     let mut readers = Vec::new();
     for s in 0..workload.subscribers {
@@ -58,6 +77,15 @@ pub(crate) async fn run(workload: &Workload, recorder: Arc<Recorder>) -> Result<
         senders.push(tx);
         let (recorder, slot) = (Arc::clone(&recorder), workload.slot(s));
         let spawn_each = super::raw_like_ours();
+        if let Some(topic) = &floor {
+            let (floor, topic) = (super::Floor::new(&recorder, slot), Arc::clone(topic));
+            readers.push(tokio::spawn(async move {
+                while let Some(body) = rx.recv().await {
+                    floor.deliver(&topic, Message::new(body)).await;
+                }
+            }));
+            continue;
+        }
         readers.push(tokio::spawn(async move {
             let mut handlers = tokio::task::JoinSet::new();
             while let Some(body) = rx.recv().await {
@@ -72,7 +100,12 @@ pub(crate) async fn run(workload: &Workload, recorder: Arc<Recorder>) -> Result<
             }
         }));
     }
-    let sink = Arc::new(Channels { senders, next: AtomicU64::new(0), group: workload.queue.is_some() });
+    let sink = Arc::new(Channels {
+        senders,
+        next: AtomicU64::new(0),
+        group: workload.queue.is_some(),
+        floor: floor.is_some(),
+    });
     let outcome = drive(Arc::clone(&sink), workload, &recorder).await;
     drop(sink);
     for reader in readers {
