@@ -592,23 +592,25 @@ pub(crate) fn raw_like_ours() -> bool {
 }
 
 /// `BENCH_RAW_FLOOR=1`: a diagnosis, not a baseline. The raw baselines of memory (one topic),
-/// nats (core), redis (Pub/Sub) and http then also do, per message, what any implementation of our contract and of
-/// the backend's wire format has to do on top of the client: the publish made of a [`Message`]
-/// and [`PublishOptions`] and run as a boxed future (as `async_trait` boxes `Broker::publish`);
-/// the wire format where it is not the bare body (redis Pub/Sub and http: Go Micro's envelope,
-/// encoded and decoded by [`micro_broker::codec`], http with its topic header); each delivery an
-/// [`Event`] given to the same recording handler as ours through [`micro_broker::run_handler`]
-/// (its boxed future, the panic guard, the ack). ours / floor is then what our implementations
-/// add; floor / raw what the contract and the wire format cost (BENCHMARKS.md).
+/// nats (core and JetStream), redis, redis-streams and http then also do, per message, what any
+/// implementation of our contract and of the backend's wire format has to do on top of the
+/// client: the publish made of a [`Message`] and [`PublishOptions`] and run as a boxed future
+/// (as `async_trait` boxes `Broker::publish`); the wire format where it is not the bare body
+/// (redis Pub/Sub and http: Go Micro's envelope, encoded and decoded by [`micro_broker::codec`],
+/// http with its topic header); each delivery an [`Event`] given to the same recording handler
+/// as ours through [`micro_broker::run_handler`] (its boxed future, the panic guard, the ack),
+/// before the raw ack where there is one. ours / floor is then what our implementations add;
+/// floor / raw what the contract and the wire format cost (BENCHMARKS.md).
 pub(crate) fn raw_floor() -> bool {
     std::env::var("BENCH_RAW_FLOOR").is_ok_and(|v| v.trim() == "1")
 }
 
 /// Where [`raw_floor`] has no floor, the reason; checked before any run.
 fn raw_floor_refusal(workload: &Workload) -> Option<&'static str> {
-    let jetstream = workload.param("jetstream").is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
-    if !matches!(workload.backend.as_str(), "memory" | "nats" | "redis" | "http") || jetstream {
-        return Some("BENCH_RAW_FLOOR=1 has a floor for memory, nats (core), redis (Pub/Sub) and http only");
+    if !matches!(workload.backend.as_str(), "memory" | "nats" | "redis" | "redis-streams" | "http") {
+        return Some(
+            "BENCH_RAW_FLOOR=1 has a floor for memory, nats (core and JetStream), redis, redis-streams and http only",
+        );
     }
     // The memory baseline's channels carry bodies only: its events get the one topic there is.
     (workload.backend == "memory" && workload.topics.len() != 1)

@@ -38,17 +38,17 @@ struct Channels {
 }
 
 impl Sink for Channels {
-    async fn send(&self, topic: usize, body: Bytes) -> Result<(), BoxError> {
+    async fn send(&self, _topic: usize, body: Bytes) -> Result<(), BoxError> {
         if self.floor {
-            return super::publish_as_contract(body, |message| self.send_body(topic, message.body)).await;
+            return super::publish_as_contract(body, |message| self.send_body(message.body)).await;
         }
-        self.send_body(topic, body).await
+        self.send_body(body).await
     }
 }
 
 impl Channels {
     /// `body` to the member whose turn it is (queue group), or to each subscriber.
-    async fn send_body(&self, _topic: usize, body: Bytes) -> Result<(), BoxError> {
+    async fn send_body(&self, body: Bytes) -> Result<(), BoxError> {
         if self.group {
             let n = self.next.fetch_add(1, Ordering::Relaxed) as usize % self.senders.len();
             let sender = self.senders.get(n).ok_or("no subscriber")?;

@@ -5,9 +5,11 @@
 //! user does. The subscription buffer is the client's default (65,536), as ours.
 //! `BENCH_RAW_LIKE_OURS=1` makes the raw publisher flush after every publish, as ours does: a
 //! diagnosis of what that flush costs (BENCHMARKS.md). `BENCH_RAW_FLOOR=1`: publishes and
-//! deliveries also go through what the contract costs ([`super::raw_floor`]; the wire is the same).
+//! deliveries (JetStream too) also go through what the contract costs ([`super::raw_floor`];
+//! the wire is the same).
 //! With `--param jetstream=true`: [`run_jetstream`].
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_nats::Subject;
@@ -107,13 +109,21 @@ pub(crate) async fn run(workload: &Workload, recorder: Arc<Recorder>) -> Result<
 struct JsPublisher {
     js: async_nats::jetstream::Context,
     subjects: Vec<Subject>,
+    /// Diagnosis (`BENCH_RAW_FLOOR=1`): each publish as the contract makes it.
+    floor: bool,
 }
 
 impl Sink for JsPublisher {
     async fn send(&self, topic: usize, body: Bytes) -> Result<(), BoxError> {
         let subject = self.subjects.get(topic).ok_or("no such topic")?.clone();
-        self.js.publish(subject, body).await?.await?;
-        Ok(())
+        let publish = |body: Bytes| async move {
+            self.js.publish(subject, body).await?.await?;
+            Ok(())
+        };
+        if self.floor {
+            return super::publish_as_contract(body, |message| publish(message.body)).await;
+        }
+        publish(body).await
     }
 }
 
@@ -157,9 +167,22 @@ pub(crate) async fn run_jetstream(workload: &Workload, recorder: Arc<Recorder>) 
         let consumer = stream.get_or_create_consumer(&durable, config).await?;
         let mut messages = consumer.messages().await?;
         let (recorder, slot) = (Arc::clone(&recorder), workload.slot(s));
+        // Diagnosis (`BENCH_RAW_FLOOR=1`): each message an event to the handler, before its ack.
+        let floor = super::raw_floor().then(|| {
+            let topics: HashMap<String, Arc<str>> =
+                (0..workload.topics.len()).map(|t| format!("rawjs.{run}.{t}")).map(|t| (t.clone(), t.into())).collect();
+            (super::Floor::new(&recorder, slot), topics)
+        });
         readers.push(tokio::spawn(async move {
             while let Some(Ok(message)) = messages.next().await {
-                recorder.record(slot, &message.payload);
+                match &floor {
+                    None => recorder.record(slot, &message.payload),
+                    Some((floor, topics)) => {
+                        if let Some(topic) = topics.get(message.subject.as_str()) {
+                            floor.deliver(topic, Message::new(message.payload.clone())).await;
+                        }
+                    }
+                }
                 if message.ack().await.is_err() {
                     return;
                 }
@@ -167,7 +190,7 @@ pub(crate) async fn run_jetstream(workload: &Workload, recorder: Arc<Recorder>) 
         }));
     }
     let subjects = (0..workload.topics.len()).map(|t| Subject::from(format!("rawjs.{run}.{t}"))).collect();
-    let sink = Arc::new(JsPublisher { js: js.clone(), subjects });
+    let sink = Arc::new(JsPublisher { js: js.clone(), subjects, floor: super::raw_floor() });
     let outcome = drive(sink, workload, &recorder).await;
     for reader in readers {
         reader.abort();

@@ -13,15 +13,15 @@
 //! PUBLISH and in the message each subscriber receives; ours also base64-encodes and -decodes
 //! the body. For Streams both sides send the bare body in the field `body` (ours with no header
 //! fields when the message has none).
-//! `BENCH_RAW_FLOOR=1` (Pub/Sub): publishes and deliveries also go through what the contract
-//! costs and carry ours' envelope ([`super::raw_floor`]).
+//! `BENCH_RAW_FLOOR=1`: publishes and deliveries also go through what the contract costs, and
+//! Pub/Sub carries ours' envelope ([`super::raw_floor`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use micro_broker::{BoxError, codec};
+use micro_broker::{BoxError, Message, codec};
 use redis::RedisWrite as _;
 use redis::aio::MultiplexedConnection;
 use redis::streams::StreamReadReply;
@@ -44,7 +44,7 @@ struct Publisher {
     conn: MultiplexedConnection,
     topics: Vec<String>,
     streams: bool,
-    /// Diagnosis (`BENCH_RAW_FLOOR=1`, Pub/Sub): each publish as the contract makes it, in ours' envelope.
+    /// Diagnosis (`BENCH_RAW_FLOOR=1`): each publish as the contract makes it (Pub/Sub: in ours' envelope).
     floor: bool,
 }
 
@@ -53,9 +53,16 @@ impl Sink for Publisher {
         let topic = self.topics.get(topic).ok_or("no such topic")?;
         let mut conn = self.conn.clone();
         if self.streams {
-            let mut cmd = redis::cmd("XADD");
-            cmd.arg(topic).arg("MAXLEN").arg("~").arg(MAXLEN).arg("*").arg("body").arg(body.as_ref());
-            let _id: String = cmd.query_async(&mut conn).await?;
+            let xadd = |body: Bytes| async move {
+                let mut cmd = redis::cmd("XADD");
+                cmd.arg(topic).arg("MAXLEN").arg("~").arg(MAXLEN).arg("*").arg("body").arg(body.as_ref());
+                let _id: String = cmd.query_async(&mut conn).await?;
+                Ok(())
+            };
+            if self.floor {
+                return super::publish_as_contract(body, |message| xadd(message.body)).await;
+            }
+            xadd(body).await?;
         } else if self.floor {
             return super::publish_as_contract(body, |message| async move {
                 // Sized up front, as ours does: no regrowth of the command's buffer.
@@ -147,6 +154,12 @@ pub(crate) async fn run_streams(workload: &Workload, recorder: Arc<Recorder>) ->
         let acking = conn.clone();
         let (recorder, slot, topics) = (Arc::clone(&recorder), workload.slot(s), workload.topics.clone());
         let consumer = format!("c{s}");
+        // Diagnosis (`BENCH_RAW_FLOOR=1`): each entry an event to the handler, before its XACK.
+        let floor = super::raw_floor().then(|| {
+            let topics: HashMap<String, Arc<str>> =
+                workload.topics.iter().map(|t| (t.clone(), t.as_str().into())).collect();
+            (super::Floor::new(&recorder, slot), topics)
+        });
         readers.push(tokio::spawn(async move {
             let mut read = redis::cmd("XREADGROUP");
             read.arg("GROUP").arg(&group).arg(&consumer).arg("COUNT").arg(READ_COUNT).arg("BLOCK").arg(1000);
@@ -162,9 +175,15 @@ pub(crate) async fn run_streams(workload: &Workload, recorder: Arc<Recorder>) ->
                 let mut acks = Vec::new();
                 let serial = super::raw_like_ours();
                 for key in reply.map(|r| r.keys).unwrap_or_default() {
-                    for entry in key.ids {
-                        if let Some(redis::Value::BulkString(body)) = entry.map.get("body") {
-                            recorder.record(slot, body);
+                    for mut entry in key.ids {
+                        match (&floor, entry.map.remove("body")) {
+                            (None, Some(redis::Value::BulkString(body))) => recorder.record(slot, &body),
+                            (Some((floor, topics)), Some(redis::Value::BulkString(body))) => {
+                                if let Some(topic) = topics.get(&key.key) {
+                                    floor.deliver(topic, Message::new(body)).await;
+                                }
+                            }
+                            _ => {}
                         }
                         let mut ack = redis::cmd("XACK");
                         ack.arg(&key.key).arg(&group).arg(&entry.id);
@@ -187,7 +206,12 @@ pub(crate) async fn run_streams(workload: &Workload, recorder: Arc<Recorder>) ->
             }
         }));
     }
-    let sink = Arc::new(Publisher { conn: conn.clone(), topics: workload.topics.clone(), streams: true, floor: false });
+    let sink = Arc::new(Publisher {
+        conn: conn.clone(),
+        topics: workload.topics.clone(),
+        streams: true,
+        floor: super::raw_floor(),
+    });
     let outcome = drive(sink, workload, &recorder).await;
     for reader in readers {
         reader.abort();
