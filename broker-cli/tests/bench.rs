@@ -74,14 +74,18 @@ fn calibration_runs_raw_against_raw() {
 }
 
 #[test]
-fn raw_floor_delivers_ours_envelopes_through_the_contract() {
+fn raw_floor_delivers_through_the_contract() {
     // The raw http pair then posts Go Micro envelopes and hands each decoded one to a handler:
-    // a body that did not decode would be answered 400 and lost.
+    // a body that did not decode would be answered 400, and never recorded.
     let json =
         bench_with(&[("BENCH_RAW_FLOOR", "1")], &["--broker", "http", "--count", "200", "--baseline", "--rounds", "1"]);
     assert_eq!(json["raw_floor"], true, "{json}");
     assert_eq!(json["raw"]["lost"], 0, "{json}");
     assert_eq!(json["raw"]["runs"], 1, "{json}");
+    // The memory floor: its events carry the one topic.
+    let json = bench_with(&[("BENCH_RAW_FLOOR", "1")], &["--broker", "memory", "--count", "200", "--baseline"]);
+    assert_eq!(json["raw_floor"], true, "{json}");
+    assert_eq!(json["raw"]["lost"], 0, "{json}");
 }
 
 #[test]

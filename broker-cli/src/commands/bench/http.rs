@@ -49,6 +49,18 @@ impl Poster {
         }
         Ok(())
     }
+
+    /// `body` to the subscriber whose turn it is (queue group), or to each.
+    async fn send_bodies(&self, topic: usize, body: Bytes) -> Result<(), BoxError> {
+        if self.group {
+            let n = self.next.fetch_add(1, Ordering::Relaxed) as usize % self.subscribers;
+            return self.post(topic, n, body).await;
+        }
+        for subscriber in 0..self.subscribers {
+            self.post(topic, subscriber, body.clone()).await?;
+        }
+        Ok(())
+    }
 }
 
 impl Sink for Poster {
@@ -61,20 +73,6 @@ impl Sink for Poster {
             .await;
         }
         self.send_bodies(topic, body).await
-    }
-}
-
-impl Poster {
-    /// `body` to the subscriber whose turn it is (queue group), or to each.
-    async fn send_bodies(&self, topic: usize, body: Bytes) -> Result<(), BoxError> {
-        if self.group {
-            let n = self.next.fetch_add(1, Ordering::Relaxed) as usize % self.subscribers;
-            return self.post(topic, n, body).await;
-        }
-        for subscriber in 0..self.subscribers {
-            self.post(topic, subscriber, body.clone()).await?;
-        }
-        Ok(())
     }
 }
 
