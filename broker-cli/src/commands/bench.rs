@@ -16,6 +16,7 @@
 //! `--baseline` runs ours and the raw client back to back, `--rounds` times, alternating which
 //! goes first, and reports ours/raw per round as min/median/max.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io::IsTerminal;
 use std::sync::Arc;
@@ -637,6 +638,11 @@ impl Floor {
         Floor { handler: recording_handler(recorder, slot) }
     }
 
+    /// The events' topics, by the name a message arrives with (made once, cloned per event).
+    pub(crate) fn topics(names: impl IntoIterator<Item = String>) -> HashMap<String, Arc<str>> {
+        names.into_iter().map(|name| (name.clone(), name.into())).collect()
+    }
+
     /// One delivery as the contract makes it: an event of `topic` handed to the handler.
     pub(crate) async fn deliver(&self, topic: &Arc<str>, message: Message) {
         let event = Event::builder(Arc::clone(topic), message).build();
@@ -838,20 +844,17 @@ impl Report<'_> {
             "params": w.params.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
             "peak_rss_kib": self.peak_rss_kib,
         });
-        if !self.raw.is_empty() && raw_like_ours() {
-            if let Some(object) = value.as_object_mut() {
-                object.insert("raw_like_ours".into(), true.into());
-            }
-        }
-        if !self.raw.is_empty() && raw_floor() {
-            if let Some(object) = value.as_object_mut() {
-                object.insert("raw_floor".into(), true.into());
-            }
-        }
-        if self.calibration {
-            // The top-level figures are then those of raw A, and the ratio raw A / raw B.
-            if let Some(object) = value.as_object_mut() {
-                object.insert("calibration".into(), true.into());
+        // What kind of run this was, where it is not the plain ours-against-raw (`calibration`:
+        // the top-level figures are then those of raw A, and the ratio raw A / raw B).
+        let baseline = !self.raw.is_empty();
+        let flags = [
+            ("raw_like_ours", baseline && raw_like_ours()),
+            ("raw_floor", baseline && raw_floor()),
+            ("calibration", self.calibration),
+        ];
+        if let Some(object) = value.as_object_mut() {
+            for (flag, _) in flags.iter().filter(|(_, set)| *set) {
+                object.insert((*flag).into(), true.into());
             }
         }
         let ours = Self::summary(self.ours);

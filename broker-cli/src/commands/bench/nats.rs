@@ -9,7 +9,6 @@
 //! the wire is the same).
 //! With `--param jetstream=true`: [`run_jetstream`].
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_nats::Subject;
@@ -169,8 +168,7 @@ pub(crate) async fn run_jetstream(workload: &Workload, recorder: Arc<Recorder>) 
         let (recorder, slot) = (Arc::clone(&recorder), workload.slot(s));
         // Diagnosis (`BENCH_RAW_FLOOR=1`): each message an event to the handler, before its ack.
         let floor = super::raw_floor().then(|| {
-            let topics: HashMap<String, Arc<str>> =
-                (0..workload.topics.len()).map(|t| format!("rawjs.{run}.{t}")).map(|t| (t.clone(), t.into())).collect();
+            let topics = super::Floor::topics((0..workload.topics.len()).map(|t| format!("rawjs.{run}.{t}")));
             (super::Floor::new(&recorder, slot), topics)
         });
         readers.push(tokio::spawn(async move {

@@ -16,7 +16,6 @@
 //! `BENCH_RAW_FLOOR=1`: publishes and deliveries also go through what the contract costs, and
 //! Pub/Sub carries ours' envelope ([`super::raw_floor`]).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -97,8 +96,7 @@ pub(crate) async fn run_pubsub(workload: &Workload, recorder: Arc<Recorder>) -> 
         let (recorder, slot) = (Arc::clone(&recorder), workload.slot(s));
         if floor {
             let floor = super::Floor::new(&recorder, slot);
-            let topics: HashMap<String, Arc<str>> =
-                workload.topics.iter().map(|t| (t.clone(), t.as_str().into())).collect();
+            let topics = super::Floor::topics(workload.topics.iter().cloned());
             readers.push(tokio::spawn(async move {
                 let mut messages = pubsub.into_on_message();
                 while let Some(message) = messages.next().await {
@@ -156,8 +154,7 @@ pub(crate) async fn run_streams(workload: &Workload, recorder: Arc<Recorder>) ->
         let consumer = format!("c{s}");
         // Diagnosis (`BENCH_RAW_FLOOR=1`): each entry an event to the handler, before its XACK.
         let floor = super::raw_floor().then(|| {
-            let topics: HashMap<String, Arc<str>> =
-                workload.topics.iter().map(|t| (t.clone(), t.as_str().into())).collect();
+            let topics = super::Floor::topics(workload.topics.iter().cloned());
             (super::Floor::new(&recorder, slot), topics)
         });
         readers.push(tokio::spawn(async move {
